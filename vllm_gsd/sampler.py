@@ -1,0 +1,122 @@
+"""GSDRejectionSampler: vLLM's verification step, done on trees.
+
+The V1 runner calls `self.rejection_sampler(metadata, draft_probs, logits,
+sampling_metadata)` with the target logits of every scheduled draft row
+(vllm/v1/worker/gpu_model_runner.py `_sample`); the plugin swaps in this
+subclass. Per request it chooses one token per row from the target alone,
+walks the tree of this step's `TreeStep` with `vllm_gsd.verify.accept` and
+returns the accepted path plus the final token in vLLM's output layout
+([batch, max_drafts + 1], padded with -1), so the scheduler's roll-back and
+spec-decode metrics work unchanged. Requests without a tree (vLLM's padding
+drafts, zeroed drafts) are verified as chains by the same walk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from vllm.v1.outputs import SamplerOutput
+from vllm.v1.sample.rejection_sampler import (PLACEHOLDER_TOKEN_ID,
+                                              RejectionSampler,
+                                              apply_sampling_constraints)
+
+from vllm_gsd.attention import active_step, rewrite_accepted_kv
+from vllm_gsd.graph import FlatTree
+from vllm_gsd.metrics import GSDStats
+from vllm_gsd.verify import accept
+
+# vLLM's threshold for "temperature means greedy" (vllm/v1/sample/sampler.py).
+_SAMPLING_EPS = 1e-5
+
+
+class GSDRejectionSampler(RejectionSampler):
+    def __init__(self, sampler: Any, spec_config: Any, device: Any,
+                 stats: GSDStats):
+        super().__init__(sampler, spec_config, device)
+        self.stats = stats
+
+    def forward(self, metadata: Any, draft_probs: torch.Tensor | None,
+                logits: torch.Tensor, sampling_metadata: Any) -> SamplerOutput:
+        bonus = self.sampler(
+            logits=logits[metadata.bonus_logits_indices],
+            sampling_metadata=replace(sampling_metadata, max_num_logprobs=-1),
+            predict_bonus_token=True,
+        ).sampled_token_ids.view(-1).tolist()
+        # Requests whose options act on the chain of outputs (penalties, ...)
+        # are given no drafts by the proposer, so these processors are exact
+        # for every row that reaches them.
+        target_logits = self.apply_logits_processors(
+            logits[metadata.target_logits_indices].to(torch.float32),
+            sampling_metadata, metadata)
+        target_logits = apply_sampling_constraints(
+            target_logits, metadata.cu_num_draft_tokens, sampling_metadata)
+        chosen = _choose_tokens(target_logits, metadata.num_draft_tokens,
+                                sampling_metadata).tolist()
+
+        step = active_step()
+        trees = step.by_batch_index() if step is not None else {}
+        draft_ids = metadata.draft_token_ids.tolist()
+        output = torch.full((len(bonus), metadata.max_spec_len + 1),
+                            PLACEHOLDER_TOKEN_ID, dtype=torch.int32)
+        emitted_rows = torch.zeros_like(output, dtype=torch.long)
+        accepted, start = {}, 0
+        for i, num_drafts in enumerate(metadata.num_draft_tokens):
+            request = trees.get(i)
+            tree = (request.tree if request is not None
+                    else FlatTree.chain(draft_ids[start:start + num_drafts]))
+            path, final = accept(chosen[start:start + num_drafts] + [bonus[i]], tree)
+            output[i, :len(path)] = torch.tensor([tree.tokens[j] for j in path],
+                                                 dtype=torch.int32)
+            output[i, len(path)] = final
+            # Row of `logits` each emitted token was chosen at: the root's,
+            # then each accepted node's.
+            first_row = start + i
+            emitted_rows[i, :len(path) + 1] = torch.tensor(
+                [first_row] + [first_row + 1 + j for j in path])
+            accepted[i] = path
+            self.stats.observe_acceptance(num_drafts, path)
+            start += num_drafts
+        if step is not None and step.waves:
+            rewrite_accepted_kv(step, accepted)
+
+        output = output.to(logits.device)
+        logprobs = None
+        if sampling_metadata.max_num_logprobs is not None:
+            tokens = output.clamp(min=0).view(-1).to(torch.int64)
+            raw = logits[emitted_rows.view(-1).to(logits.device)].to(torch.float32)
+            logprobs = self.sampler.gather_logprobs(
+                self.sampler.compute_logprobs(raw),
+                sampling_metadata.max_num_logprobs, tokens)
+        return SamplerOutput(sampled_token_ids=output, logprobs_tensors=logprobs)
+
+
+def _choose_tokens(target_logits: torch.Tensor, num_drafts: list[int],
+                   sampling_metadata: Any) -> torch.Tensor:
+    """One token per draft row from the target's processed logits: argmax for
+    greedy requests, an independent sample for the others (the request's own
+    generator when it has a seed).
+
+    target_logits: [sum(num_drafts), vocab]. Returns [sum(num_drafts)].
+    """
+    greedy = target_logits.argmax(dim=-1)
+    if sampling_metadata.all_greedy or target_logits.shape[0] == 0:
+        return greedy
+    probs = target_logits.softmax(dim=-1, dtype=torch.float32)
+    noise = torch.empty_like(probs).exponential_()
+    row_ranges, start = [], 0
+    for count in num_drafts:
+        row_ranges.append((start, start + count))
+        start += count
+    for i, generator in sampling_metadata.generators.items():
+        lo, hi = row_ranges[i]
+        if hi > lo:
+            noise[lo:hi].exponential_(generator=generator)
+    # argmax(p / E) with E ~ Exp(1) is a sample from p (vLLM's random_sample).
+    sampled = probs.div(noise).argmax(dim=-1)
+    request_is_greedy = sampling_metadata.temperature < _SAMPLING_EPS
+    row_is_greedy = torch.repeat_interleave(
+        request_is_greedy, torch.tensor(num_drafts, device=greedy.device))
+    return torch.where(row_is_greedy, greedy, sampled)
