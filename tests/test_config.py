@@ -1,0 +1,121 @@
+"""Bad speculative configs are rejected before any model loads, each with a
+message that names the field and what is allowed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+import vllm_gsd
+from conftest import REPO
+from vllm_gsd.config import GSDConfig, GSDConfigError
+
+vllm_gsd.register()
+
+
+def engine_config(target: str, speculative_config: dict, **engine_kwargs):
+    from vllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs(model=target, dtype="float32", enforce_eager=True,
+                      max_model_len=512, speculative_config=speculative_config,
+                      **engine_kwargs).create_engine_config()
+
+
+@pytest.fixture(scope="module")
+def other_vocab_draft(weak_draft, tmp_path_factory):
+    """The weak draft's config with a different vocab size (no weights needed:
+    validation must fail before loading)."""
+    folder = tmp_path_factory.mktemp("other_vocab")
+    config = json.load(open(f"{weak_draft}/config.json"))
+    config["vocab_size"] = 32000
+    json.dump(config, open(folder / "config.json", "w"))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def other_architecture_draft(weak_draft, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("other_arch")
+    shutil.copy(f"{weak_draft}/config.json", folder / "config.json")
+    config = json.load(open(folder / "config.json"))
+    config["architectures"] = ["Qwen2ForCausalLM"]
+    json.dump(config, open(folder / "config.json", "w"))
+    return str(folder)
+
+
+BAD_FIELDS = [
+    ({"gsd_branches": 4}, r"unknown key\(s\) \['gsd_branches'\]"),
+    ({"top_k": 0}, r"top_k: 0 is out of range; allowed 1 to 64"),
+    ({"top_k": 2.5}, r"top_k: expected int"),
+    ({"merge_context": -2}, r"merge_context: -2 is out of range; allowed -1"),
+    ({"sibling_ratio": 1.5}, r"sibling_ratio: 1.5 is out of range"),
+    ({"min_node_prob": -0.1}, r"min_node_prob: -0.1 is out of range"),
+    ({"max_depth": 0}, r"max_depth: 0 is out of range"),
+    ({"max_verify_nodes": 129}, r"max_verify_nodes: 129 is out of range; allowed 1 to 128"),
+    ({"max_draft_nodes": True}, r"max_draft_nodes: expected int, got True"),
+    ({"max_verify_nodes": 8, "num_speculative_tokens": 4},
+     r"num_speculative_tokens \(4\) and max_verify_nodes \(8\) disagree"),
+]
+
+
+@pytest.mark.parametrize("fields, message", BAD_FIELDS)
+def test_bad_field_is_rejected_with_its_name(target, fields, message):
+    with pytest.raises(GSDConfigError, match=message):
+        engine_config(target, {"method": "gsd", "model": target, **fields})
+
+
+def test_missing_draft_model_is_rejected(target):
+    with pytest.raises(GSDConfigError, match="needs 'model'"):
+        engine_config(target, {"method": "gsd"})
+
+
+def test_draft_path_that_is_no_model_folder_is_rejected(target, tmp_path):
+    with pytest.raises(GSDConfigError, match="is not a local model folder"):
+        engine_config(target, {"method": "gsd", "model": str(tmp_path)})
+
+
+def test_draft_with_another_vocabulary_is_rejected(target, other_vocab_draft):
+    with pytest.raises(GSDConfigError,
+                       match=r"vocab_size \(32000\) differs from the target's \(49152\)"):
+        engine_config(target, {"method": "gsd", "model": other_vocab_draft})
+
+
+def test_draft_of_unsupported_architecture_is_rejected(target, other_architecture_draft):
+    with pytest.raises(GSDConfigError, match="Qwen2ForCausalLM.*not supported"):
+        engine_config(target, {"method": "gsd", "model": other_architecture_draft})
+
+
+@pytest.mark.parametrize("engine_kwargs, message", [
+    ({"async_scheduling": True}, "needs synchronous scheduling"),
+    ({"logprobs_mode": "processed_logprobs"}, "logprobs_mode"),
+    ({"pipeline_parallel_size": 2}, "pipeline_parallel_size > 1"),
+    ({"tensor_parallel_size": 2}, "tensor_parallel_size > 1"),
+])
+def test_incompatible_engine_option_is_rejected(target, engine_kwargs, message):
+    with pytest.raises(GSDConfigError, match=message):
+        engine_config(target, {"method": "gsd", "model": target}, **engine_kwargs)
+
+
+def test_valid_config_becomes_the_custom_proposer_with_gsd_attached(target):
+    config = engine_config(target, {"method": "gsd", "model": target, "top_k": 3,
+                                    "num_speculative_tokens": 10})
+    spec = config.speculative_config
+    assert spec.method == "custom_class"
+    assert spec.model == "vllm_gsd.proposer.GSDProposer"
+    assert spec.num_speculative_tokens == 10
+    assert spec.gsd == GSDConfig(model=target, top_k=3, max_verify_nodes=10)
+
+
+def test_other_methods_are_left_to_vllm(target):
+    config = engine_config(target, {"method": "ngram", "num_speculative_tokens": 3,
+                                    "prompt_lookup_max": 3})
+    assert config.speculative_config.method == "ngram"
+    assert not hasattr(config.speculative_config, "gsd")
+
+
+def test_defaults_are_documented_and_valid():
+    config = GSDConfig(model="/draft")
+    config._validate()
+    for name in GSDConfig.field_names():
+        assert f"`{name}`" in (REPO / "README.md").read_text(), name

@@ -1,0 +1,140 @@
+"""Lossless greedy decoding: GSD's tokens equal plain vLLM's, token for token.
+
+Each engine (plain, and GSD in several set-ups) runs the same scenarios with
+the same batching; every GSD output must equal the plain one exactly (token
+ids, text and finish reason). The GSD counters then show the path under test
+was really taken (drafts verified, off-first-branch acceptances, ...).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import close_llm, gsd_stats, make_llm
+from prompts import near_max_len_prompt, prompt_token_ids
+
+pytestmark = pytest.mark.slow
+
+MAX_MODEL_LEN = 1024
+
+
+def scenarios(tokenizer) -> dict[str, list[tuple[list[list[int]], dict]]]:
+    """name -> generate() calls, each (prompts, SamplingParams kwargs)."""
+    prompts = prompt_token_ids(tokenizer)
+    comma = tokenizer.encode(",")[0]
+    greedy = dict(temperature=0.0, max_tokens=40)
+    return {
+        "batch16": [(prompts, greedy)],
+        "batch4": [(prompts[i:i + 4], greedy) for i in range(0, 16, 4)],
+        "batch1": [([p], greedy) for p in prompts[:4]],
+        "stop_strings": [(prompts[1:9], {**greedy, "stop": [".", "\n\n", " and"]})],
+        "stop_token_ids": [(prompts[1:9], {**greedy, "stop_token_ids": [comma]})],
+        "max_tokens": [(prompts[:8], {**greedy, "max_tokens": 7}),
+                       (prompts[:8], {**greedy, "max_tokens": 13})],
+        "near_max_model_len": [
+            ([near_max_len_prompt(tokenizer, MAX_MODEL_LEN, room)], greedy)
+            for room in (3, 9, 20)],
+    }
+
+
+def run(llm, calls) -> list[tuple]:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    results = []
+    for prompts, params in calls:
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
+                               SamplingParams(**params), use_tqdm=False)
+        results += [(tuple(o.outputs[0].token_ids), o.outputs[0].text,
+                     o.outputs[0].finish_reason) for o in outputs]
+    return results
+
+
+def run_all(llm, names=None) -> dict[str, list[tuple]]:
+    plan = scenarios(llm.get_tokenizer())
+    return {name: run(llm, plan[name]) for name in (names or plan)}
+
+
+@pytest.fixture(scope="module")
+def plain(target):
+    llm = make_llm(target, max_model_len=MAX_MODEL_LEN)
+    outputs = run_all(llm)
+    close_llm(llm)
+    return outputs
+
+
+def assert_same(gsd_outputs: dict, plain_outputs: dict) -> None:
+    for name, outputs in gsd_outputs.items():
+        for i, (got, want) in enumerate(zip(outputs, plain_outputs[name], strict=True)):
+            assert got == want, f"scenario {name}, output {i}: GSD {got} != plain {want}"
+
+
+def test_self_draft_matches_plain_in_every_scenario(target, plain):
+    """The target as its own draft: near-maximal acceptance, so stops and
+    max_tokens land inside accepted paths."""
+    llm = make_llm(target, {"method": "gsd", "model": target, "merge_context": 1,
+                            "max_verify_nodes": 8, "max_depth": 4},
+                   max_model_len=MAX_MODEL_LEN)
+    outputs = run_all(llm)
+    stats = gsd_stats(llm)
+    close_llm(llm)
+    assert_same(outputs, plain)
+    mean_accepted = stats["accepted_tokens"] / stats["verify_steps"]
+    print(f"self-draft: {mean_accepted:.2f} draft tokens accepted per step", stats)
+    assert mean_accepted > 2.5
+
+
+@pytest.mark.parametrize("merge_context", [-1, 0])
+def test_weak_draft_matches_plain_with_off_branch_acceptances(
+        target, weak_draft, plain, merge_context):
+    """A 12-layer truncated draft is mostly wrong: many rejections, and
+    accepted paths off the first branch exercise the K/V fix-up."""
+    llm = make_llm(target, {"method": "gsd", "model": weak_draft,
+                            "merge_context": merge_context, "top_k": 6,
+                            "sibling_ratio": 0.0, "max_verify_nodes": 16},
+                   max_model_len=MAX_MODEL_LEN)
+    outputs = run_all(llm, ["batch16", "batch1", "near_max_model_len"])
+    stats = gsd_stats(llm)
+    close_llm(llm)
+    assert_same(outputs, plain)
+    print(f"weak draft, merge_context={merge_context}:", stats)
+    assert stats["off_first_branch_accepts"] > 0
+    if merge_context >= 0:
+        assert stats["merged_edges"] > 0
+    else:
+        assert stats["merged_edges"] == 0
+
+
+def test_chunked_prefill_and_prefix_caching_match_plain(target, weak_draft):
+    """Long prompts prefilled in 64-token chunks, repeated prompts served from
+    the prefix cache; compared with plain vLLM under the same settings."""
+    settings = dict(max_model_len=MAX_MODEL_LEN, enable_chunked_prefill=True,
+                    max_num_batched_tokens=64, enable_prefix_caching=True)
+    names = ["batch16", "batch4"]
+    llm = make_llm(target, **settings)
+    want = run_all(llm, names)
+    close_llm(llm)
+    llm = make_llm(target, {"method": "gsd", "model": weak_draft, "top_k": 4,
+                            "max_verify_nodes": 6}, **settings)
+    got = run_all(llm, names)
+    stats = gsd_stats(llm)
+    prefix_hits = [m.value for m in llm.get_metrics()
+                   if m.name == "vllm:prefix_cache_hits"]
+    close_llm(llm)
+    assert_same(got, want)
+    assert stats["verify_steps"] > 0
+    assert prefix_hits and prefix_hits[0] > 0
+
+
+def test_preemption_under_a_small_kv_cache_matches_plain(target, plain):
+    """40 blocks of 32 tokens for 16 requests: the scheduler must preempt and
+    recompute requests while their trees are in flight."""
+    llm = make_llm(target, {"method": "gsd", "model": target, "max_verify_nodes": 8},
+                   max_model_len=MAX_MODEL_LEN, block_size=32,
+                   num_gpu_blocks_override=40)
+    outputs = run_all(llm, ["batch16"])
+    preemptions = [m.value for m in llm.get_metrics()
+                   if m.name == "vllm:num_preemptions"]
+    close_llm(llm)
+    assert_same(outputs, plain)
+    assert preemptions and preemptions[0] > 0
