@@ -12,8 +12,6 @@ errors. This module imports nothing from vLLM so it can be tested on its own.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -117,27 +115,18 @@ class GSDConfig:
 
     def check_draft_model(self, target_vocab_size: int) -> None:
         """Checks the draft folder exists and shares the target's vocabulary."""
-        config_path = os.path.join(self.model, "config.json")
-        if not os.path.isfile(config_path):
-            raise GSDConfigError(
-                f"speculative_config.model: {self.model!r} is not a local model "
-                "folder with a config.json (GSD loads drafts from disk; "
-                "scripts/prepare_models.py builds the bundled ones)."
-            )
-        with open(config_path) as f:
-            draft_hf_config = json.load(f)
+        from vllm_gsd.draft_model import read_draft_config
+
+        try:
+            draft_hf_config = read_draft_config(self.model)
+        except ValueError as e:
+            raise GSDConfigError(f"speculative_config.model: {e}") from e
         draft_vocab = draft_hf_config.get("vocab_size")
         if draft_vocab != target_vocab_size:
             raise GSDConfigError(
                 f"speculative_config.model: the draft's vocab_size ({draft_vocab}) "
                 f"differs from the target's ({target_vocab_size}); GSD verifies "
                 "draft token ids directly, so both must share one tokenizer."
-            )
-        architectures = draft_hf_config.get("architectures") or []
-        if architectures != ["LlamaForCausalLM"]:
-            raise GSDConfigError(
-                f"speculative_config.model: draft architecture {architectures} "
-                "is not supported; GSD drafts with LlamaForCausalLM models."
             )
 
     def to_dict(self) -> dict[str, Any]:

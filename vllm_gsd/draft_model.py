@@ -20,6 +20,30 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 
+def read_draft_config(path: str) -> dict:
+    """The draft folder's config.json, checked against what this runner
+    evaluates; raises ValueError naming what is unsupported. Sets
+    "rope_theta": transformers >= 5 writes RoPE settings under
+    "rope_parameters", older configs at the top level."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise ValueError(
+            f"{path!r} is not a local model folder with a config.json (GSD loads "
+            "drafts from disk; scripts/prepare_models.py builds the bundled ones).")
+    with open(config_path) as f:
+        cfg = json.load(f)
+    architectures = cfg.get("architectures") or []
+    if architectures != ["LlamaForCausalLM"]:
+        raise ValueError(f"draft architecture {architectures} is not supported; "
+                         "GSD drafts with LlamaForCausalLM models.")
+    rope = cfg.get("rope_parameters") or {}
+    if cfg.get("rope_scaling") or rope.get("rope_type", "default") != "default":
+        raise ValueError(f"draft RoPE scaling ({cfg.get('rope_scaling') or rope}) "
+                         "is not supported by the GSD draft runner.")
+    cfg["rope_theta"] = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    return cfg
+
+
 class TreeDraftModel:
     """Llama weights plus a dense KV cache of `num_slots` requests.
 
@@ -29,13 +53,7 @@ class TreeDraftModel:
 
     def __init__(self, path: str, dtype: torch.dtype, device: torch.device,
                  max_slots: int, max_len: int, cache_bytes: int):
-        with open(os.path.join(path, "config.json")) as f:
-            cfg = json.load(f)
-        if cfg.get("rope_scaling"):
-            raise ValueError(
-                f"draft model {path}: rope_scaling {cfg['rope_scaling']} is not "
-                "supported by the GSD draft runner."
-            )
+        cfg = read_draft_config(path)
         self.num_layers = cfg["num_hidden_layers"]
         self.num_heads = cfg["num_attention_heads"]
         self.num_kv_heads = cfg.get("num_key_value_heads", self.num_heads)
@@ -45,7 +63,7 @@ class TreeDraftModel:
         self.vocab_size = cfg["vocab_size"]
         self.dtype, self.device = dtype, device
         self.weights = self._load_weights(path, cfg.get("tie_word_embeddings", False))
-        theta = cfg.get("rope_theta", 10000.0)
+        theta = cfg["rope_theta"]
         self.inv_freq = 1.0 / (theta ** (
             torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device)
             / self.head_dim))
@@ -72,20 +90,28 @@ class TreeDraftModel:
                    for k, v in weights.items()}
         if tied or "lm_head.weight" not in weights:
             weights["lm_head.weight"] = weights["embed_tokens.weight"]
+        # One matmul for q, k, v and one for gate, up: fewer, larger GEMMs.
+        for layer in range(self.num_layers):
+            p = f"layers.{layer}."
+            weights[p + "qkv"] = torch.cat([weights.pop(p + f"self_attn.{x}_proj.weight")
+                                            for x in "qkv"])
+            weights[p + "gate_up"] = torch.cat([weights.pop(p + f"mlp.{x}_proj.weight")
+                                                for x in ("gate", "up")])
         return weights
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        variance = x.float().pow(2).mean(-1, keepdim=True)
-        return (x.float() * torch.rsqrt(variance + self.eps)).to(x.dtype) * weight
+        return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
 
-    def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x: [B, heads, Q, head_dim]; positions: [B, Q]."""
+    def _rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin: [B, 1, Q, head_dim] for positions [B, Q]."""
         freqs = positions.float()[:, None, :, None] * self.inv_freq
-        cos = torch.cat((freqs, freqs), -1).cos().to(x.dtype)
-        sin = torch.cat((freqs, freqs), -1).sin().to(x.dtype)
+        angles = torch.cat((freqs, freqs), -1)
+        return angles.cos().to(self.dtype), angles.sin().to(self.dtype)
+
+    @staticmethod
+    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), -1)
-        return x * cos + rotated * sin
+        return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
 
     @torch.inference_mode()
     def forward(self, slots: torch.Tensor, tokens: torch.Tensor,
@@ -104,17 +130,18 @@ class TreeDraftModel:
         batch, num_queries = tokens.shape
         kv_len = attend.shape[-1]
         mask = attend[:, None]  # broadcast over heads
+        cos, sin = self._rope_tables(positions)
+        q_size = self.num_heads * self.head_dim
+        kv_size = self.num_kv_heads * self.head_dim
         x = w["embed_tokens.weight"][tokens]
         for layer in range(self.num_layers):
             p = f"layers.{layer}."
-            h = self._rms_norm(x, w[p + "input_layernorm.weight"])
-            q = (h @ w[p + "self_attn.q_proj.weight"].T).view(
-                batch, num_queries, self.num_heads, self.head_dim).transpose(1, 2)
-            k = (h @ w[p + "self_attn.k_proj.weight"].T).view(
-                batch, num_queries, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            v = (h @ w[p + "self_attn.v_proj.weight"].T).view(
-                batch, num_queries, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            q, k = self._rope(q, positions), self._rope(k, positions)
+            qkv = F.linear(self._rms_norm(x, w[p + "input_layernorm.weight"]), w[p + "qkv"])
+            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+            q = q.view(batch, num_queries, self.num_heads, self.head_dim).transpose(1, 2)
+            k = k.view(batch, num_queries, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            v = v.view(batch, num_queries, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             # Advanced indices around a slice put [B, Q] first: [B, Q, kvH, D].
             self.k_cache[layer][slots[:, None], :, write_index] = k.transpose(1, 2)
             self.v_cache[layer][slots[:, None], :, write_index] = v.transpose(1, 2)
@@ -123,10 +150,8 @@ class TreeDraftModel:
             attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
                                                   enable_gqa=True)
             attn = attn.transpose(1, 2).reshape(batch, num_queries, -1)
-            x = x + attn @ w[p + "self_attn.o_proj.weight"].T
-            h = self._rms_norm(x, w[p + "post_attention_layernorm.weight"])
-            gate = F.silu(h @ w[p + "mlp.gate_proj.weight"].T)
-            x = x + (gate * (h @ w[p + "mlp.up_proj.weight"].T)) @ w[
-                p + "mlp.down_proj.weight"].T
-        x = self._rms_norm(x, w["norm.weight"])
-        return x @ w["lm_head.weight"].T
+            x = x + F.linear(attn, w[p + "self_attn.o_proj.weight"])
+            gate, up = F.linear(self._rms_norm(x, w[p + "post_attention_layernorm.weight"]),
+                                w[p + "gate_up"]).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, w[p + "mlp.down_proj.weight"])
+        return F.linear(self._rms_norm(x, w["norm.weight"]), w["lm_head.weight"])
