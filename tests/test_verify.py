@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 from collections import Counter
 from typing import Callable
 
@@ -13,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vllm_gsd.graph import FlatTree
-from vllm_gsd.verify import accept, accept_batch, greedy_choice, sample_choice
+from vllm_gsd.verify import accept, choose_tokens
 
 #   root -> 0:a -> 1:c -> 2:d
 #        -> 3:b -> 4:e
@@ -68,66 +67,20 @@ def test_chain_acceptance_is_the_usual_longest_matching_prefix(draft, data):
     assert accept(chosen, FlatTree.chain(draft)) == (list(range(matched)), chosen[matched])
 
 
-def test_greedy_choice_is_the_row_argmax():
-    logits = torch.tensor([[0.1, 2.0, -1.0], [3.0, 0.0, 0.0]])
+def test_greedy_rows_take_the_argmax_even_when_others_sample():
+    logits = torch.tensor([[0.1, 2.0, -1.0], [3.0, 0.0, 0.0], [0.0, 0.0, 9.0]])
+    noise = torch.tensor([[1.0, 1e9, 1.0], [1e9, 1.0, 1.0], [1.0, 1.0, 1e9]])
 
-    assert greedy_choice(logits).tolist() == [1, 0]
-
-
-def test_sample_choice_is_reproducible_with_a_generator():
-    probs = torch.full((4, 10), 0.1)
-
-    first = sample_choice(probs, torch.Generator().manual_seed(7))
-    second = sample_choice(probs, torch.Generator().manual_seed(7))
-
-    assert first.shape == (4,)
-    assert torch.equal(first, second)
+    assert choose_tokens(logits, greedy=None, noise=None).tolist() == [1, 0, 2]
+    # Huge noise on the argmax makes a sampled row pick something else.
+    chosen = choose_tokens(logits, torch.tensor([True, False, False]), noise)
+    assert chosen[0] == 1 and chosen[1] != 0 and chosen[2] != 2
 
 
-def random_tree(rng: random.Random, vocab: int, max_children: int, max_depth: int) -> FlatTree:
-    """A random tree with distinct sibling tokens, flattened in DFS preorder."""
-    tokens, parents, depths = [], [], []
-
-    def grow(parent: int, depth: int) -> None:
-        if depth > max_depth:
-            return
-        for token in rng.sample(range(vocab), rng.randint(0, max_children)):
-            tokens.append(token)
-            parents.append(parent)
-            depths.append(depth)
-            grow(len(tokens) - 1, depth + 1)
-
-    grow(-1, 1)
-    return FlatTree(tuple(tokens), tuple(parents), tuple(depths), (1.0,) * len(tokens))
-
-
-def test_batched_acceptance_matches_per_request_acceptance():
-    rng = random.Random(0)
-    trees = [random_tree(rng, vocab=4, max_children=3, max_depth=4) for _ in range(64)]
-    width = max(len(tree) for tree in trees)
-    # Follow the tree most of the time so that deep paths get accepted.
-    chosen = [
-        [rng.choice(tree.tokens) if tree.tokens and rng.random() < 0.8 else rng.randrange(4) for _ in range(width + 1)]
-        for tree in trees
-    ]
-
-    def padded(rows: list[tuple[int, ...]], fill: int) -> torch.Tensor:
-        return torch.tensor([list(row) + [fill] * (width - len(row)) for row in rows])
-
-    mask = accept_batch(
-        torch.tensor(chosen),
-        padded([t.tokens for t in trees], 0),
-        padded([t.parents for t in trees], -1),
-        padded([t.depths for t in trees], 1),
-        torch.tensor([len(t) for t in trees]),
-    )
-
-    accepted_any = 0
-    for row, (tree, choices) in enumerate(zip(trees, chosen)):
-        path, _ = accept(choices[: len(tree) + 1], tree)
-        assert mask[row].nonzero().flatten().tolist() == path
-        accepted_any += len(path) > 1
-    assert accepted_any > 5
+def sample_rows(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """`choose_tokens` at temperature 1 with Exp(1) noise from `generator`."""
+    noise = torch.empty_like(probs, dtype=torch.float32).exponential_(generator=generator)
+    return choose_tokens(probs.log(), torch.zeros(len(probs), dtype=torch.bool), noise)
 
 
 # Losslessness under sampling
@@ -175,7 +128,7 @@ def first_two_tokens(
     for tokens in emitted:
         if len(tokens) == 1:
             row = torch.tensor(target((tokens[0],)))[None]
-            tokens = tokens + sample_choice(row, generator).tolist()
+            tokens = tokens + sample_rows(row, generator).tolist()
         counts[tuple(tokens[:2])] += 1
     return counts
 
@@ -202,7 +155,7 @@ def test_sampled_tree_acceptance_emits_the_target_distribution(k, depth):
     generator = torch.Generator().manual_seed(0)
     rows = torch.tensor(np.stack([target(prefix) for prefix in prefixes]))
 
-    chosen = sample_choice(rows.repeat(NUM_SAMPLES, 1), generator).view(NUM_SAMPLES, len(tree) + 1)
+    chosen = sample_rows(rows.repeat(NUM_SAMPLES, 1), generator).view(NUM_SAMPLES, len(tree) + 1)
     emitted = []
     for choices in chosen.tolist():
         path, final = accept(choices, tree)

