@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -35,7 +36,7 @@ def server(target, tmp_path_factory):
     port = free_port()
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     spec = {"method": "gsd", "model": target, "max_verify_nodes": 8}
-    command = [shutil.which("vllm-gsd") or "vllm-gsd", "serve", target,
+    command = [str(Path(sys.executable).with_name("vllm-gsd")), "serve", target,
                "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
                "--enforce-eager", "--max-model-len", "1024", "--seed", "0",
                "--speculative-config", json.dumps(spec)]

@@ -26,7 +26,8 @@ from vllm.logger import init_logger
 
 from vllm_gsd.config import GSDConfig, GSDConfigError
 
-logger = init_logger(__name__)
+# Under "vllm." so vLLM's logging configuration (handlers, level) applies.
+logger = init_logger(f"vllm.{__name__}")
 
 PROPOSER_PATH = "vllm_gsd.proposer.GSDProposer"
 
