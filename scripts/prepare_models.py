@@ -7,6 +7,9 @@ folder and derives layer-truncated drafts sharing its tokenizer:
 
     DIR/smollm2-135m              the target (30 layers)
     DIR/smollm2-135m-draft-{N}l   its first N layers + final norm + tied head
+    DIR/tp-test, tp-test-draft    seeded random Llamas with 8 heads / 2 KV
+                                  heads (SmolLM2's 9 / 3 cannot split over 2
+                                  ranks) for tensor-parallel tests
 
     python scripts/prepare_models.py [--out DIR] [--draft-layers N ...]
 
@@ -91,9 +94,6 @@ def save_model(source, tokenizer, num_layers: int, dest: Path, marker: str) -> N
 
     The GGUF-loaded model cannot be saved as is (its GGUF quantization_config
     is not serializable), so a plain model is rebuilt from a cleaned config.
-    The folder is assembled in a temporary directory and renamed into place
-    with the marker already inside, so a crash never leaves a folder that
-    looks complete.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -114,7 +114,62 @@ def save_model(source, tokenizer, num_layers: int, dest: Path, marker: str) -> N
     # The head shares the embedding (tie_word_embeddings=True), as in SmolLM2.
     model.tie_weights()
     model.generation_config = source.generation_config
+    write_folder(model, tokenizer, dest, marker)
 
+
+TP_TEST_NAME = "tp-test"
+TP_TEST_SHAPE = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+                     num_attention_heads=8, num_key_value_heads=2, head_dim=64)
+
+
+def save_tp_test_models(tokenizer_dir: Path, out_dir: Path) -> list[Path]:
+    """A random Llama for tensor-parallel tests, and a perturbed copy as its
+    draft (it agrees with the target often, not always, so trees get accepted
+    off their first branch).
+
+    Untied head: with a tied one a random Llama just repeats its input
+    token. The head's std 0.2 spreads the logits by ~4.5 (hidden 512): the
+    top two differ by far more than float rounding (which varies with batch
+    shapes and TP layouts), while siblings keep enough probability for the
+    draft to grow trees. The draft's head gets noise of 0.35 of that.
+    """
+    head_std = 0.2
+    wanted = [(out_dir / TP_TEST_NAME, 0.0), (out_dir / f"{TP_TEST_NAME}-draft", 0.35)]
+    markers = [json.dumps({"format": FORMAT_VERSION, "shape": TP_TEST_SHAPE, "seed": 0,
+                           "head_std": head_std, "noise": noise}) + "\n"
+               for _, noise in wanted]
+    missing = [(dest, noise, marker) for (dest, noise), marker in zip(wanted, markers)
+               if not is_complete(dest, marker)]
+    if missing:
+        import torch
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        config = LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=False,
+                             max_position_embeddings=2048,
+                             bos_token_id=tokenizer.bos_token_id,
+                             eos_token_id=tokenizer.eos_token_id, **TP_TEST_SHAPE)
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+        with torch.no_grad():
+            model.model.embed_tokens.weight.normal_(0.0, 1.0)
+            model.lm_head.weight.normal_(0.0, head_std)
+        for dest, noise, marker in missing:
+            copy = LlamaForCausalLM(config)
+            copy.load_state_dict(model.state_dict())
+            with torch.no_grad():
+                copy.lm_head.weight.add_(
+                    noise * head_std * torch.randn(
+                        copy.lm_head.weight.shape,
+                        generator=torch.Generator().manual_seed(1)))
+            write_folder(copy.to(torch.bfloat16), tokenizer, dest, marker)
+    return [dest for dest, _ in wanted]
+
+
+def write_folder(model, tokenizer, dest: Path, marker: str) -> None:
+    """Saves into a temporary folder, then renames it into place with the
+    marker already inside, so a crash never leaves a folder that looks
+    complete."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
@@ -150,7 +205,8 @@ def prepare(out_dir: Path, draft_layers: list[int]) -> list[Path]:
         for path, n in missing:
             save_model(source, tokenizer, n or total, path,
                        marker_text(gguf, version, n))
-    return [path for path, _ in wanted]
+    tp_paths = save_tp_test_models(out_dir / TARGET_NAME, out_dir)
+    return [path for path, _ in wanted] + tp_paths
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -90,7 +90,6 @@ def test_draft_of_unsupported_architecture_is_rejected(target, other_architectur
     ({"async_scheduling": True}, "needs synchronous scheduling"),
     ({"logprobs_mode": "processed_logprobs"}, "logprobs_mode"),
     ({"pipeline_parallel_size": 2}, "pipeline_parallel_size > 1"),
-    ({"tensor_parallel_size": 2}, "tensor_parallel_size > 1"),
 ])
 def test_incompatible_engine_option_is_rejected(target, engine_kwargs, message):
     with pytest.raises(GSDConfigError, match=message):

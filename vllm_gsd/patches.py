@@ -10,7 +10,7 @@ The patch points follow research/vllm_internals.md §7.2 (vLLM 0.32 V1 runner):
   P2 GPUModelRunner.__init__: binds the proposer to its runner and swaps in
      GSDRejectionSampler.
   P3 GPUModelRunner._prepare_inputs: builds this step's TreeStep (positions by
-     depth, waves) from the proposer's trees.
+     depth, waves) from tensor-parallel rank 0's trees.
   P4 GPUModelRunner.sample_tokens: the TreeStep ends with the step.
   P5 <Backend>Impl.forward: branch replay for the tree rows.
 """
@@ -112,11 +112,6 @@ def gsd_config_from_engine_args(engine_args: Any, target_model_config: Any,
         raise GSDConfigError(
             "method 'gsd' does not support pipeline_parallel_size > 1 "
             f"(got {target_parallel_config.pipeline_parallel_size}).")
-    if target_parallel_config.tensor_parallel_size > 1:
-        raise GSDConfigError(
-            "method 'gsd' does not support tensor_parallel_size > 1 yet "
-            f"(got {target_parallel_config.tensor_parallel_size}): every rank "
-            "must apply the same tree, which needs the topology broadcast.")
     if target_model_config.uses_mrope:
         raise GSDConfigError(
             "method 'gsd' does not support M-RoPE models: tree positions are "
@@ -161,7 +156,7 @@ def _patch_model_runner() -> None:
             drafter = getattr(self, "drafter", None)
             if isinstance(drafter, GSDProposer):
                 set_active_step(build_tree_step(self, scheduler_output,
-                                                drafter.trees))
+                                                trees_of_tp_rank_0(drafter.trees)))
             return result
         return _prepare_inputs
 
@@ -180,6 +175,18 @@ def _patch_model_runner() -> None:
           make_sample_tokens)
     _expect_parameters(GPUModelRunner.propose_draft_token_ids,
                        ("self", "scheduler_output", "sampled_token_ids"))
+
+
+def trees_of_tp_rank_0(trees: dict) -> dict:
+    """Every tensor-parallel rank drafts, but the scheduler only receives
+    rank 0's drafts; its trees are what every rank applies (positions,
+    attention, acceptance, K/V fix-up), so no rank can verify another tree."""
+    from vllm.distributed import get_tp_group
+
+    group = get_tp_group()
+    if group.world_size == 1:
+        return trees
+    return group.broadcast_object(trees if group.rank_in_group == 0 else None, src=0)
 
 
 # P5 ---------------------------------------------------------------------
