@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import os
+from contextlib import contextmanager
 import subprocess
 import sys
 from pathlib import Path
@@ -47,28 +48,25 @@ ENGINE_DEFAULTS = dict(dtype="float32", enforce_eager=True, max_model_len=1024,
                        seed=0, disable_log_stats=False)
 
 
-def make_llm(target: str, speculative_config: dict | None = None, **kwargs):
-    """An in-process engine (use `close_llm` when done)."""
+@contextmanager
+def running_llm(target: str, speculative_config: dict | None = None, **kwargs):
+    """An engine, shut down however the test ends (an in-process engine left
+    running breaks the next one's distributed state)."""
     from vllm import LLM
 
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = kwargs.pop(
         "multiprocessing", "0")
-    return LLM(model=target, speculative_config=speculative_config,
-               **{**ENGINE_DEFAULTS, **kwargs})
-
-
-def close_llm(llm) -> None:
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
+    llm = LLM(model=target, speculative_config=speculative_config,
+              **{**ENGINE_DEFAULTS, **kwargs})
+    try:
+        yield llm
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
 
 
 def gsd_stats(llm) -> dict:
     from vllm_gsd.metrics import worker_stats
 
     return llm.collective_rpc(worker_stats)[0]
-
-
-def spec_metrics(llm) -> dict[str, object]:
-    return {m.name: getattr(m, "value", getattr(m, "values", None))
-            for m in llm.get_metrics() if "spec_decode" in m.name}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import close_llm, gsd_stats, make_llm
+from conftest import gsd_stats, running_llm
 from prompts import near_max_len_prompt, prompt_token_ids
 
 pytestmark = pytest.mark.slow
@@ -36,7 +36,7 @@ def scenarios(tokenizer) -> dict[str, list[tuple[list[list[int]], dict]]]:
         "mixed_options": [(prompts[1:9], [
             greedy, {**greedy, "repetition_penalty": 1.3}, greedy,
             {**greedy, "min_tokens": 30, "stop": ["."]}, greedy,
-            {**greedy, "logit_bias": {comma: 5.0}},
+            {**greedy, "allowed_token_ids": list(range(30000))},
             {**greedy, "bad_words": [" the"]}, {**greedy, "presence_penalty": 0.8}])],
         "near_max_model_len": [
             ([near_max_len_prompt(tokenizer, MAX_MODEL_LEN, room)], greedy)
@@ -78,9 +78,8 @@ def run_all(llm, names=None) -> dict[str, list[tuple]]:
 
 @pytest.fixture(scope="module")
 def plain(target):
-    llm = make_llm(target, max_model_len=MAX_MODEL_LEN)
-    outputs = run_all(llm)
-    close_llm(llm)
+    with running_llm(target, max_model_len=MAX_MODEL_LEN) as llm:
+        outputs = run_all(llm)
     return outputs
 
 
@@ -90,15 +89,28 @@ def assert_same(gsd_outputs: dict, plain_outputs: dict) -> None:
             assert got == want, f"scenario {name}, output {i}: GSD {got} != plain {want}"
 
 
+def rejected_then_still_serving(llm) -> None:
+    """vLLM refuses min_p and logit_bias under speculative decoding: a clear
+    per-request error, after which the engine keeps serving."""
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+
+    for option in ({"min_p": 0.1}, {"logit_bias": {28: 5.0}}):
+        with pytest.raises(VLLMValidationError, match="not yet supported with speculative"):
+            llm.generate(["Hello"], SamplingParams(max_tokens=4, **option), use_tqdm=False)
+    assert len(llm.generate(["Hello"], SamplingParams(max_tokens=4),
+                            use_tqdm=False)[0].outputs[0].token_ids) == 4
+
+
 def test_self_draft_matches_plain_in_every_scenario(target, plain):
     """The target as its own draft: near-maximal acceptance, so stops and
     max_tokens land inside accepted paths."""
-    llm = make_llm(target, {"method": "gsd", "model": target, "merge_context": 1,
-                            "max_verify_nodes": 8, "max_depth": 4},
-                   max_model_len=MAX_MODEL_LEN)
-    outputs = run_all(llm)
-    stats = gsd_stats(llm)
-    close_llm(llm)
+    with running_llm(target, {"method": "gsd", "model": target, "merge_context": 1,
+                              "max_verify_nodes": 8, "max_depth": 4},
+                     max_model_len=MAX_MODEL_LEN) as llm:
+        outputs = run_all(llm)
+        stats = gsd_stats(llm)
+        rejected_then_still_serving(llm)
     assert_same(outputs, plain)
     mean_accepted = stats["accepted_tokens"] / stats["verify_steps"]
     print(f"self-draft: {mean_accepted:.2f} draft tokens accepted per step", stats)
@@ -111,13 +123,12 @@ def test_weak_draft_matches_plain_with_off_branch_acceptances(
         target, weak_draft, plain, merge_context):
     """A 12-layer truncated draft is mostly wrong: many rejections, and
     accepted paths off the first branch exercise the K/V fix-up."""
-    llm = make_llm(target, {"method": "gsd", "model": weak_draft,
-                            "merge_context": merge_context, "top_k": 6,
-                            "sibling_ratio": 0.0, "max_verify_nodes": 16},
-                   max_model_len=MAX_MODEL_LEN)
-    outputs = run_all(llm, ["batch16", "batch1", "near_max_model_len"])
-    stats = gsd_stats(llm)
-    close_llm(llm)
+    with running_llm(target, {"method": "gsd", "model": weak_draft,
+                              "merge_context": merge_context, "top_k": 6,
+                              "sibling_ratio": 0.0, "max_verify_nodes": 16},
+                     max_model_len=MAX_MODEL_LEN) as llm:
+        outputs = run_all(llm, ["batch16", "batch1", "near_max_model_len"])
+        stats = gsd_stats(llm)
     assert_same(outputs, plain)
     print(f"weak draft, merge_context={merge_context}:", stats)
     assert stats["off_first_branch_accepts"] > 0
@@ -133,16 +144,14 @@ def test_chunked_prefill_and_prefix_caching_match_plain(target, weak_draft):
     settings = dict(max_model_len=MAX_MODEL_LEN, enable_chunked_prefill=True,
                     max_num_batched_tokens=64, enable_prefix_caching=True)
     names = ["batch16", "batch4"]
-    llm = make_llm(target, **settings)
-    want = run_all(llm, names)
-    close_llm(llm)
-    llm = make_llm(target, {"method": "gsd", "model": weak_draft, "top_k": 4,
-                            "max_verify_nodes": 6}, **settings)
-    got = run_all(llm, names)
-    stats = gsd_stats(llm)
-    prefix_hits = [m.value for m in llm.get_metrics()
-                   if m.name == "vllm:prefix_cache_hits"]
-    close_llm(llm)
+    with running_llm(target, **settings) as llm:
+        want = run_all(llm, names)
+    with running_llm(target, {"method": "gsd", "model": weak_draft, "top_k": 4,
+                              "max_verify_nodes": 6}, **settings) as llm:
+        got = run_all(llm, names)
+        stats = gsd_stats(llm)
+        prefix_hits = [m.value for m in llm.get_metrics()
+                       if m.name == "vllm:prefix_cache_hits"]
     assert_same(got, want)
     assert stats["verify_steps"] > 0
     assert prefix_hits and prefix_hits[0] > 0
@@ -151,12 +160,11 @@ def test_chunked_prefill_and_prefix_caching_match_plain(target, weak_draft):
 def test_preemption_under_a_small_kv_cache_matches_plain(target, plain):
     """40 blocks of 32 tokens for 16 requests: the scheduler must preempt and
     recompute requests while their trees are in flight."""
-    llm = make_llm(target, {"method": "gsd", "model": target, "max_verify_nodes": 8},
-                   max_model_len=MAX_MODEL_LEN, block_size=32,
-                   num_gpu_blocks_override=40)
-    outputs = run_all(llm, ["batch16"])
-    preemptions = [m.value for m in llm.get_metrics()
-                   if m.name == "vllm:num_preemptions"]
-    close_llm(llm)
+    with running_llm(target, {"method": "gsd", "model": target, "max_verify_nodes": 8},
+                     max_model_len=MAX_MODEL_LEN, block_size=32,
+                     num_gpu_blocks_override=40) as llm:
+        outputs = run_all(llm, ["batch16"])
+        preemptions = [m.value for m in llm.get_metrics()
+                       if m.name == "vllm:num_preemptions"]
     assert_same(outputs, plain)
     assert preemptions and preemptions[0] > 0

@@ -18,7 +18,7 @@ from collections import Counter
 
 import pytest
 
-from conftest import close_llm, gsd_stats, make_llm
+from conftest import gsd_stats, running_llm
 
 pytestmark = pytest.mark.slow
 
@@ -59,20 +59,18 @@ def homogeneity_p_value(a: list, b: list, min_count: int = 10) -> float:
 
 @pytest.fixture(scope="module")
 def plain_samples(target):
-    llm = make_llm(target, **ENGINE)
-    samples = {name: sample(llm, params) for name, params in SETTINGS.items()}
-    close_llm(llm)
+    with running_llm(target, **ENGINE) as llm:
+        samples = {name: sample(llm, params) for name, params in SETTINGS.items()}
     return samples
 
 
 @pytest.fixture(scope="module")
 def gsd_samples(target):
-    llm = make_llm(target, {"method": "gsd", "model": target, "top_k": 3,
-                            "sibling_ratio": 0.0, "max_verify_nodes": 6,
-                            "max_depth": 2}, **ENGINE)
-    samples = {name: sample(llm, params) for name, params in SETTINGS.items()}
-    stats = gsd_stats(llm)
-    close_llm(llm)
+    with running_llm(target, {"method": "gsd", "model": target, "top_k": 3,
+                              "sibling_ratio": 0.0, "max_verify_nodes": 6,
+                              "max_depth": 2}, **ENGINE) as llm:
+        samples = {name: sample(llm, params) for name, params in SETTINGS.items()}
+        stats = gsd_stats(llm)
     return samples, stats
 
 

@@ -6,7 +6,7 @@ import importlib.metadata
 
 import pytest
 
-from conftest import close_llm, gsd_stats, make_llm
+from conftest import gsd_stats, running_llm
 
 
 def test_entry_point_registers_gsd_in_the_vllm_plugin_group():
@@ -31,13 +31,12 @@ def test_llm_with_engine_core_in_its_own_process_drafts_with_gsd(target):
     the entry point alone."""
     from vllm import SamplingParams
 
-    llm = make_llm(target, {"method": "gsd", "model": target, "max_verify_nodes": 4},
-                   multiprocessing="1")
-    out = llm.generate(["The three primary colours are"],
-                       SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)
-    stats = gsd_stats(llm)
-    spec = llm.llm_engine.vllm_config.speculative_config
-    close_llm(llm)
+    with running_llm(target, {"method": "gsd", "model": target, "max_verify_nodes": 4},
+                     multiprocessing="1") as llm:
+        out = llm.generate(["The three primary colours are"],
+                           SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)
+        stats = gsd_stats(llm)
+        spec = llm.llm_engine.vllm_config.speculative_config
     assert len(out[0].outputs[0].token_ids) == 16
     assert spec.model == "vllm_gsd.proposer.GSDProposer" and spec.gsd.max_verify_nodes == 4
     assert stats["draft_forward_passes"] > 0 and stats["accepted_tokens"] > 0

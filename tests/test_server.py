@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import close_llm, make_llm
+from conftest import running_llm
 
 pytestmark = pytest.mark.slow
 
@@ -69,10 +69,9 @@ def server(target, tmp_path_factory):
 def plain_texts(target):
     from vllm import SamplingParams
 
-    llm = make_llm(target)
-    outputs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=MAX_TOKENS),
-                           use_tqdm=False)
-    close_llm(llm)
+    with running_llm(target) as llm:
+        outputs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=MAX_TOKENS),
+                               use_tqdm=False)
     return [o.outputs[0].text for o in outputs]
 
 

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from conftest import close_llm, make_llm
+from conftest import running_llm
 
 pytestmark = pytest.mark.slow
 
@@ -53,21 +53,19 @@ def rank_1_drafts_chains(worker) -> None:
 @pytest.fixture(scope="module")
 def plain_tp2(tp_models):
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
-    llm = make_llm(tp_models[0], **TP)
-    outputs = generate(llm)
-    close_llm(llm)
+    with running_llm(tp_models[0], **TP) as llm:
+        outputs = generate(llm)
     return outputs
 
 
 def test_gsd_at_tp2_equals_plain_at_tp2_even_if_rank_1_would_draft_another_tree(
         tp_models, plain_tp2):
     target, draft = tp_models
-    llm = make_llm(target, {"method": "gsd", "model": draft, "top_k": 4,
-                            "sibling_ratio": 0.0, "max_verify_nodes": 8}, **TP)
-    llm.collective_rpc(rank_1_drafts_chains)
-    outputs = generate(llm)
-    stats = sorted(llm.collective_rpc(all_ranks_stats), key=lambda s: s["rank"])
-    close_llm(llm)
+    with running_llm(target, {"method": "gsd", "model": draft, "top_k": 4,
+                              "sibling_ratio": 0.0, "max_verify_nodes": 8}, **TP) as llm:
+        llm.collective_rpc(rank_1_drafts_chains)
+        outputs = generate(llm)
+        stats = sorted(llm.collective_rpc(all_ranks_stats), key=lambda s: s["rank"])
     assert outputs == plain_tp2
     print("rank stats:", stats)
     rank_0, rank_1 = stats

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import close_llm, gsd_stats, make_llm
+from conftest import gsd_stats, running_llm
 from prompts import prompt_token_ids
 
 pytestmark = pytest.mark.slow
@@ -17,13 +17,12 @@ def mean_accepted_length(target: str, draft: str, **shape) -> float:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = make_llm(target, {"method": "gsd", "model": draft,
-                            "max_verify_nodes": VERIFY_BUDGET, **shape})
-    prompts = prompt_token_ids(llm.get_tokenizer())
-    llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
-                 SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)
-    stats = gsd_stats(llm)
-    close_llm(llm)
+    with running_llm(target, {"method": "gsd", "model": draft,
+                              "max_verify_nodes": VERIFY_BUDGET, **shape}) as llm:
+        prompts = prompt_token_ids(llm.get_tokenizer())
+        llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
+                     SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)
+        stats = gsd_stats(llm)
     assert stats["verified_nodes"] >= VERIFY_BUDGET * stats["verify_steps"] * 0.9
     return 1 + stats["accepted_tokens"] / stats["verify_steps"]
 

@@ -77,8 +77,9 @@ def plain_decoding_reason(params: SamplingParams) -> str | None:
 
     These options make the target's distribution at a node depend on the
     chain of tokens before it in ways vLLM's spec-decode path computes for a
-    chain only, or not at all; with no drafts the request takes vLLM's plain
-    sampler, which applies them exactly.
+    chain only; with no drafts the request takes vLLM's plain sampler, which
+    applies them exactly. (min_p and logit_bias never get here: vLLM rejects
+    them under speculative decoding.)
     """
     if params.structured_outputs is not None:
         return "structured output"
@@ -89,12 +90,8 @@ def plain_decoding_reason(params: SamplingParams) -> str | None:
         return "bad_words"
     if params.min_tokens:
         return "min_tokens"
-    if params.logit_bias:
-        return "logit_bias"
     if params.allowed_token_ids:
         return "allowed_token_ids"
-    if params.min_p:
-        return "min_p"
     return None
 
 
