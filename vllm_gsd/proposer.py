@@ -129,6 +129,8 @@ class GSDProposer:
                 slot_mappings: Any = None) -> list[list[int]]:
         """Drafts a tree per request; returns its flattened tokens per row."""
         self._step += 1
+        # Trees live for one step: a request left out of the next step is
+        # verified later as a chain of its drafts (still exact).
         self.trees = {}
         req_ids = self.runner.input_batch.req_ids
         drafting = []
@@ -136,7 +138,7 @@ class GSDProposer:
             if not sampled:  # a prefill chunk or a discarded row
                 continue
             req_id = req_ids[row]
-            if self._needs_plain_decoding(req_id, row):
+            if self._needs_plain_decoding(req_id):
                 continue
             num_tokens = int(num_tokens_no_spec[row])
             max_verify = min(self.config.max_verify_nodes,
@@ -166,7 +168,7 @@ class GSDProposer:
         return [list(self.trees[r].tokens) if r in self.trees else []
                 for r in req_ids[:len(sampled_token_ids)]]
 
-    def _needs_plain_decoding(self, req_id: str, row: int) -> bool:
+    def _needs_plain_decoding(self, req_id: str) -> bool:
         state = self.runner.requests.get(req_id)
         params = getattr(state, "sampling_params", None)
         if params is None:
