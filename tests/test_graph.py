@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_gsd.graph import ROOT, Branch, FlatTree, TokenGraph, accepted_path_by_tokens
+from vllm_gsd.graph import ROOT, Branch, FlatTree, TokenGraph
 
 Draft = Callable[[tuple[int, ...]], tuple[list[int], list[float]]]
 
@@ -310,7 +310,7 @@ def test_chain_is_a_linear_tree():
 
     assert tree.parents == (-1, 0, 1)
     assert tree.depths == (1, 2, 3)
-    assert tree.branches() == [Branch(0, 2, (), 0)]
+    assert tree.branches() == [Branch(0, 2, ())]
 
 
 def test_branches_of_a_hand_made_tree():
@@ -325,10 +325,10 @@ def test_branches_of_a_hand_made_tree():
     )
 
     assert tree.branches() == [
-        Branch(0, 2, (), 0),
-        Branch(3, 4, (0, 1), 2),
-        Branch(5, 5, (0,), 1),
-        Branch(6, 7, (), 0),
+        Branch(0, 2, ()),
+        Branch(3, 4, (0, 1)),
+        Branch(5, 5, (0,)),
+        Branch(6, 7, ()),
     ]
     mask = tree.ancestor_mask()
     assert mask[4].nonzero()[0].tolist() == [0, 1, 3, 4]
@@ -353,16 +353,6 @@ def test_truncated_keeps_a_prefix():
 def test_flat_tree_rejects_malformed_trees(parents, depths, tokens, message):
     with pytest.raises(ValueError, match=message):
         FlatTree(tokens, parents, depths, (1.0,) * len(tokens))
-
-
-def test_accepted_path_by_tokens_follows_the_tree():
-    tree = FlatTree((1, 2, 3, 4), (-1, 0, 0, -1), (1, 2, 2, 1), (1.0,) * 4)
-
-    assert accepted_path_by_tokens(tree, [1, 3]) == [0, 2]
-    assert accepted_path_by_tokens(tree, [4]) == [3]
-    assert accepted_path_by_tokens(tree, []) == []
-    with pytest.raises(ValueError):
-        accepted_path_by_tokens(tree, [4, 2])
 
 
 # Properties over random drafts
@@ -459,8 +449,6 @@ def test_flat_tree_layout_invariants(case, max_tree_nodes):
     rebuilt = np.zeros((n, n), dtype=bool)
     for b in branches:
         assert all(tree.parents[j] == j - 1 for j in range(b.start + 1, b.end + 1))
-        assert b.ancestors[: b.shared_prefix] == tuple(range(b.shared_prefix))
-        assert b.shared_prefix == len(b.ancestors) or b.ancestors[b.shared_prefix] != b.shared_prefix
         for j in range(b.start, b.end + 1):
             rebuilt[j, list(b.ancestors) + list(range(b.start, j + 1))] = True
             assert tree.depths[j] == len(b.ancestors) + j - b.start + 1
@@ -471,8 +459,12 @@ def test_flat_tree_layout_invariants(case, max_tree_nodes):
         assert (prefix.tokens, prefix.parents, prefix.depths) == (tree.tokens[:m], tree.parents[:m], tree.depths[:m])
         assert (prefix.ancestor_mask() == mask[:m, :m]).all()
 
+    # A token path names one node: siblings carry distinct tokens.
     for j, path in enumerate(tree_token_paths(tree)):
-        assert accepted_path_by_tokens(tree, path)[-1] == j
+        node = -1
+        for token in path:
+            node = tree.child(node, token)
+        assert node == j
 
 
 def markov_graphs(case) -> tuple[TokenGraph, TokenGraph]:

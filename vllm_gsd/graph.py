@@ -334,10 +334,6 @@ class Branch:
     end: int
     ancestors: tuple[int, ...]
     """Flat indices of start's ancestors by depth, root excluded."""
-    shared_prefix: int
-    """How many leading `ancestors` are flat indices 0, 1, 2, ...: up to that
-    depth the branch follows the first branch, whose KV sits at exactly
-    those slots in the sequential layout."""
 
 
 @dataclass(frozen=True)
@@ -413,14 +409,7 @@ class FlatTree:
                 runs.append([j, j])
             else:
                 runs[-1][1] = j
-        branches = []
-        for start, end in runs:
-            ancestors = self._ancestors(start)
-            shared = 0
-            while shared < len(ancestors) and ancestors[shared] == shared:
-                shared += 1
-            branches.append(Branch(start, end, ancestors, shared))
-        return branches
+        return [Branch(start, end, self._ancestors(start)) for start, end in runs]
 
     def _ancestors(self, node: int) -> tuple[int, ...]:
         ancestors = []
@@ -430,23 +419,3 @@ class FlatTree:
             parent = self.parents[parent]
         return tuple(ancestors[::-1])
 
-
-def accepted_path_by_tokens(tree: FlatTree, tokens: Sequence[int]) -> list[int]:
-    """Flat indices of the path from the root that spells `tokens`.
-
-    Args:
-        tokens: the draft tokens the engine accepted this step, without the
-            final bonus or resampled token.
-
-    Raises:
-        ValueError: if the tokens do not follow a path of the tree.
-    """
-    path = []
-    node = -1
-    for token in tokens:
-        child = tree.child(node, int(token))
-        if child is None:
-            raise ValueError(f"accepted tokens {list(tokens)} leave the draft tree at token {token}")
-        path.append(child)
-        node = child
-    return path
