@@ -76,9 +76,9 @@ def rewrite_accepted_kv(step: TreeStep, accepted: dict[int, list[int]]) -> None:
         dst += [offset + depth for depth in range(len(path))]
     if not src:
         return
+    device = step.stash_rows.device
+    src_rows = torch.tensor(src, device=device)
+    dst_rows = torch.tensor(dst, device=device)
     for layer, keys, values, slots in step.stash.values():
-        device = keys.device
-        src_rows = torch.tensor(src, device=device)
         layer.impl.do_kv_cache_update(layer, keys[src_rows], values[src_rows],
-                                      layer.kv_cache,
-                                      slots[torch.tensor(dst, device=device)])
+                                      layer.kv_cache, slots[dst_rows])

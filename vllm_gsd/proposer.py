@@ -213,13 +213,9 @@ class GSDProposer:
         groups += [[d] for d in drafting if d not in short]
         for group in groups:
             queries = [list(range(d.slot.num_cached, len(d.tokens))) for d in group]
-            width = max(len(q) for q in queries)
-            kv_len = max(len(d.tokens) for d in group)
-            tokens = np.zeros((len(group), width), dtype=np.int64)
-            positions = np.zeros_like(tokens)
-            write = np.full_like(tokens, self.draft.sink_index)
-            attend = np.zeros((len(group), width, kv_len), dtype=bool)
-            attend[:, :, 0] = True  # padded queries need one key, or SDPA gives NaN
+            tokens, positions, write, attend = self._padded_batch(
+                len(group), max(len(q) for q in queries),
+                max(len(d.tokens) for d in group))
             for b, (d, cols) in enumerate(zip(group, queries)):
                 tokens[b, :len(cols)] = d.tokens[cols]
                 positions[b, :len(cols)] = cols
@@ -239,11 +235,7 @@ class GSDProposer:
             for node in d.frontier:
                 d.column[node] = len(d.tokens) + len(d.column) - 1
         kv_len = max(max(d.column.values()) + 1 for d in growing)
-        tokens = np.zeros((len(growing), width), dtype=np.int64)
-        positions = np.zeros_like(tokens)
-        write = np.full_like(tokens, self.draft.sink_index)
-        attend = np.zeros((len(growing), width, kv_len), dtype=bool)
-        attend[:, :, 0] = True
+        tokens, positions, write, attend = self._padded_batch(len(growing), width, kv_len)
         for b, d in enumerate(growing):
             attend[b, :len(d.frontier), :len(d.tokens)] = True
             for q, node in enumerate(d.frontier):
@@ -255,6 +247,16 @@ class GSDProposer:
         logits = self._forward(growing, tokens, positions, write, attend)
         for b, d in enumerate(growing):
             d.frontier = self._expand(d, d.frontier, logits[b, :len(d.frontier)])
+
+    def _padded_batch(self, rows: int, width: int, kv_len: int
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Empty draft inputs: tokens, positions, write columns [rows, width]
+        (padding writes to the sink) and the attend mask [rows, width, kv_len]."""
+        tokens = np.zeros((rows, width), dtype=np.int64)
+        write = np.full_like(tokens, self.draft.sink_index)
+        attend = np.zeros((rows, width, kv_len), dtype=bool)
+        attend[:, :, 0] = True  # padded queries need one key, or SDPA gives NaN
+        return tokens, np.zeros_like(tokens), write, attend
 
     def _forward(self, group: list[_Drafting], tokens: np.ndarray,
                  positions: np.ndarray, write: np.ndarray,

@@ -31,7 +31,7 @@ import torch
 
 from vllm.v1.attention.backend import CommonAttentionMetadata
 
-from vllm_gsd.graph import FlatTree
+from vllm_gsd.graph import Branch, FlatTree
 
 
 @dataclass
@@ -43,8 +43,13 @@ class TreeRequest:
     """Token row of the root; flat node j is row root_row + 1 + j."""
     root_position: int
     tree: FlatTree
-    replayed: bool
-    """True when waves overwrote its slots: the fix-up must rewrite the path."""
+    off_first_branches: list[Branch]
+    """Branches recomputed in waves; if any, waves overwrote the request's
+    slots and the fix-up must rewrite the accepted path."""
+
+    @property
+    def replayed(self) -> bool:
+        return bool(self.off_first_branches)
 
 
 @dataclass
@@ -102,7 +107,7 @@ def build_tree_step(runner: Any, scheduler_output: Any,
         root_row = int(query_start[index + 1]) - len(drafts) - 1
         root_position = int(runner.positions[root_row])
         requests.append(TreeRequest(index, root_row, root_position, tree,
-                                    replayed=len(tree.branches()) > 1))
+                                    tree.branches()[1:]))
     if not requests:
         return None
     _set_tree_positions(runner.positions, requests)
@@ -130,15 +135,14 @@ def _set_tree_positions(positions: torch.Tensor,
 
 def _plan_waves(runner: Any, replayed: list[TreeRequest],
                 device: torch.device) -> list[Wave]:
-    off_first = {r.batch_index: r.tree.branches()[1:] for r in replayed}
-    num_waves = max((len(b) for b in off_first.values()), default=0)
+    num_waves = max((len(r.off_first_branches) for r in replayed), default=0)
     waves = []
     for w in range(num_waves):
-        members = [r for r in replayed if len(off_first[r.batch_index]) > w]
+        members = [r for r in replayed if len(r.off_first_branches) > w]
         query_rows, path_rows, path_slot_rows = [], [], []
         query_lens, seq_lens = [], []
         for r in members:
-            branch = off_first[r.batch_index][w]
+            branch = r.off_first_branches[w]
             run = range(branch.start, branch.end + 1)
             path = list(branch.ancestors) + list(run)
             query_rows += [r.root_row + 1 + j for j in run]
