@@ -54,6 +54,7 @@ BAD_FIELDS = [
     ({"max_depth": 0}, r"max_depth: 0 is out of range"),
     ({"max_verify_nodes": 129}, r"max_verify_nodes: 129 is out of range; allowed 1 to 128"),
     ({"max_draft_nodes": True}, r"max_draft_nodes: expected int, got True"),
+    ({"draft_vocab_size": 3}, r"draft_vocab_size: 3 is smaller than top_k \(4\)"),
     ({"max_verify_nodes": 8, "num_speculative_tokens": 4},
      r"num_speculative_tokens \(4\) and max_verify_nodes \(8\) disagree"),
 ]
@@ -79,6 +80,11 @@ def test_draft_with_another_vocabulary_is_rejected(target, other_vocab_draft):
     with pytest.raises(GSDConfigError,
                        match=r"vocab_size \(32000\) differs from the target's \(49152\)"):
         engine_config(target, {"method": "gsd", "model": other_vocab_draft})
+
+
+def test_reduced_draft_vocab_without_token_counts_is_rejected(target):
+    with pytest.raises(GSDConfigError, match="draft_vocab_size needs gsd_token_counts.npy"):
+        engine_config(target, {"method": "gsd", "model": target, "draft_vocab_size": 8192})
 
 
 def test_draft_of_unsupported_architecture_is_rejected(target, other_architecture_draft):

@@ -6,10 +6,11 @@ and tree mask; transformers is the reference. Runs in seconds, no real model.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from vllm_gsd.draft_model import TreeDraftModel
+from vllm_gsd.draft_model import TOKEN_COUNTS_FILE, TreeDraftModel
 
 transformers = pytest.importorskip("transformers")
 
@@ -41,9 +42,18 @@ def hf_next_logits(model, tokens: list[int]) -> torch.Tensor:
         return model(input_ids=torch.tensor([tokens])).logits[0]
 
 
-def runner(path) -> TreeDraftModel:
+def runner(path, head_vocab: int = 0) -> TreeDraftModel:
     return TreeDraftModel(str(path), torch.float32, torch.device("cpu"),
-                          max_slots=1, max_len=64, cache_bytes=2**30)
+                          max_slots=1, max_len=64, cache_bytes=2**30,
+                          head_vocab=head_vocab)
+
+
+def causal_logits(draft: TreeDraftModel, tokens: list[int]) -> torch.Tensor:
+    n = len(tokens)
+    return draft.forward(
+        slots=torch.tensor([0]), tokens=torch.tensor([tokens]),
+        positions=torch.arange(n)[None], write_index=torch.arange(n)[None],
+        attend=torch.ones(n, n, dtype=torch.bool).tril()[None])[0]
 
 
 @pytest.mark.parametrize("tie", [True, False], ids=["tied_head", "separate_head"])
@@ -51,12 +61,21 @@ def test_causal_forward_matches_transformers(tmp_path, tie):
     model = tiny_llama(tmp_path, tie)
     draft = runner(tmp_path)
     tokens = [3, 17, 99, 42, 5, 64, 127, 8, 1, 30]
-    n = len(tokens)
-    logits = draft.forward(
-        slots=torch.tensor([0]), tokens=torch.tensor([tokens]),
-        positions=torch.arange(n)[None], write_index=torch.arange(n)[None],
-        attend=torch.ones(n, n, dtype=torch.bool).tril()[None])
-    torch.testing.assert_close(logits[0], hf_next_logits(model, tokens),
+    torch.testing.assert_close(causal_logits(draft, tokens), hf_next_logits(model, tokens),
+                               atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied_head", "separate_head"])
+def test_reduced_head_keeps_the_most_frequent_tokens_columns(tmp_path, tie):
+    model = tiny_llama(tmp_path, tie)
+    counts = np.zeros(VOCAB, dtype=np.int64)
+    counts[[90, 5, 17, 64, 2]] = [50, 40, 40, 9, 1]  # 5 and 17 tie: lower id first
+    np.save(tmp_path / TOKEN_COUNTS_FILE, counts)
+    draft = runner(tmp_path, head_vocab=4)
+    assert draft.head_token_ids.tolist() == [90, 5, 17, 64]
+    tokens = [3, 17, 99, 42, 5]
+    full = hf_next_logits(model, tokens)
+    torch.testing.assert_close(causal_logits(draft, tokens), full[:, [90, 5, 17, 64]],
                                atol=ATOL, rtol=0)
 
 

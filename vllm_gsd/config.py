@@ -59,6 +59,12 @@ class GSDConfig:
     cut to its most probable nodes). vLLM's num_speculative_tokens is set to
     this; at most 128."""
 
+    draft_vocab_size: int = 0
+    """Restrict the draft's LM head to this many most frequent tokens (counted
+    in the draft folder's gsd_token_counts.safetensors); 0 keeps the whole
+    vocabulary. A cheaper head for a narrow draft; still lossless, since the
+    target verifies every token."""
+
     draft_cache_gib: float = 1.0
     """Memory for the draft model's KV cache (GiB). It holds whole requests;
     when more requests run than fit, the least recently drafted lose their
@@ -100,7 +106,7 @@ class GSDConfig:
     def _validate(self) -> None:
         _check_type("model", self.model, str)
         for name in ("top_k", "merge_context", "max_depth", "max_draft_nodes",
-                     "max_verify_nodes"):
+                     "max_verify_nodes", "draft_vocab_size"):
             _check_type(name, getattr(self, name), int)
         for name in ("sibling_ratio", "min_node_prob", "draft_cache_gib"):
             _check_type(name, getattr(self, name), (int, float))
@@ -111,14 +117,22 @@ class GSDConfig:
         _check_range("max_depth", self.max_depth, 1, MAX_VERIFY_NODES)
         _check_range("max_draft_nodes", self.max_draft_nodes, 1, 4096)
         _check_range("max_verify_nodes", self.max_verify_nodes, 1, MAX_VERIFY_NODES)
+        _check_range("draft_vocab_size", self.draft_vocab_size, 0, 2**31 - 1)
+        if 0 < self.draft_vocab_size < self.top_k:
+            raise GSDConfigError(
+                f"speculative_config.draft_vocab_size: {self.draft_vocab_size} is "
+                f"smaller than top_k ({self.top_k}); use 0 (whole vocabulary) or "
+                "at least top_k.")
         _check_range("draft_cache_gib", self.draft_cache_gib, 0.001, 1024)
 
     def check_draft_model(self, target_vocab_size: int) -> None:
         """Checks the draft folder exists and shares the target's vocabulary."""
-        from vllm_gsd.draft_model import read_draft_config
+        from vllm_gsd.draft_model import frequent_token_ids, read_draft_config
 
         try:
             draft_hf_config = read_draft_config(self.model)
+            if self.draft_vocab_size:
+                frequent_token_ids(self.model, self.draft_vocab_size)
         except ValueError as e:
             raise GSDConfigError(f"speculative_config.model: {e}") from e
         draft_vocab = draft_hf_config.get("vocab_size")

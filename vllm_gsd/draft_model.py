@@ -15,9 +15,15 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+
+TOKEN_COUNTS_FILE = "gsd_token_counts.npy"
+"""Optional file in a draft folder: int array [vocab], how often each
+token occurred in text the target wrote (scripts/distill_draft.py writes it).
+`draft_vocab_size` keeps the LM head rows of the most frequent tokens."""
 
 
 def read_draft_config(path: str) -> dict:
@@ -44,15 +50,38 @@ def read_draft_config(path: str) -> dict:
     return cfg
 
 
+def frequent_token_ids(path: str, num_tokens: int) -> torch.Tensor:
+    """The `num_tokens` most frequent token ids of the draft folder's
+    TOKEN_COUNTS_FILE, most frequent first (ties: lower id first); raises
+    ValueError when the file is missing or too short."""
+    counts_path = os.path.join(path, TOKEN_COUNTS_FILE)
+    if not os.path.isfile(counts_path):
+        raise ValueError(
+            f"draft_vocab_size needs {TOKEN_COUNTS_FILE} in the draft folder "
+            f"{path!r} (token frequencies; scripts/distill_draft.py writes it).")
+    # Not .safetensors: loaders (vLLM's among them) read every such file as weights.
+    counts = torch.from_numpy(np.load(counts_path))
+    if num_tokens > counts.numel():
+        raise ValueError(f"draft_vocab_size {num_tokens} exceeds the "
+                         f"{counts.numel()} tokens counted in {counts_path}.")
+    return torch.sort(counts, descending=True, stable=True).indices[:num_tokens]
+
+
 class TreeDraftModel:
     """Llama weights plus a dense KV cache of `num_slots` requests.
+
+    With `head_vocab` > 0 the LM head keeps only the rows of the draft
+    folder's `head_vocab` most frequent tokens (the idea of FR-Spec, Zhao et
+    al. 2025): a narrow draft spends most of its time in its vocab-wide head,
+    and tokens it never proposes cost nothing in losslessness, because the
+    target verifies every token. Logits then index `head_token_ids`.
 
     Cache layout per layer: [num_slots, kv_heads, max_len + 1, head_dim]; the
     last column is a sink for padded queries so they never clobber real rows.
     """
 
     def __init__(self, path: str, dtype: torch.dtype, device: torch.device,
-                 max_slots: int, max_len: int, cache_bytes: int):
+                 max_slots: int, max_len: int, cache_bytes: int, head_vocab: int = 0):
         cfg = read_draft_config(path)
         self.num_layers = cfg["num_hidden_layers"]
         self.num_heads = cfg["num_attention_heads"]
@@ -63,6 +92,12 @@ class TreeDraftModel:
         self.vocab_size = cfg["vocab_size"]
         self.dtype, self.device = dtype, device
         self.weights = self._load_weights(path, cfg.get("tie_word_embeddings", False))
+        self.head_token_ids: torch.Tensor | None = None
+        """Token id of each logit column; None when the head is the full vocab."""
+        if head_vocab:
+            self.head_token_ids = frequent_token_ids(path, head_vocab).to(device)
+            self.weights["lm_head.weight"] = (
+                self.weights["lm_head.weight"][self.head_token_ids].contiguous())
         theta = cfg["rope_theta"]
         self.inv_freq = 1.0 / (theta ** (
             torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device)
@@ -124,7 +159,8 @@ class TreeDraftModel:
             `sink_index` and are ignored by the caller).
         attend: [B, Q, L] bool, which cache columns 0..L-1 each query sees
             (its own column included).
-        Returns the draft's next-token logits, [B, Q, vocab].
+        Returns the draft's next-token logits, [B, Q, head vocab] (columns
+        are token ids unless `head_token_ids` maps them).
         """
         w = self.weights
         batch, num_queries = tokens.shape

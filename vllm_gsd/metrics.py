@@ -16,6 +16,8 @@ from vllm_gsd.graph import FlatTree, TokenGraph
 
 @dataclass
 class GSDStats:
+    draft_steps: int = 0
+    """Engine steps in which at least one request was drafted."""
     draft_forward_passes: int = 0
     """Batched draft forward passes (catch-up and one per level)."""
     draft_tokens: int = 0

@@ -118,7 +118,8 @@ class GSDProposer:
         max_len = self.max_model_len + self.config.max_draft_nodes
         self.draft = TreeDraftModel(self.config.model, self.dtype, device,
                                     self.max_num_seqs, max_len,
-                                    int(self.config.draft_cache_gib * 2**30))
+                                    int(self.config.draft_cache_gib * 2**30),
+                                    self.config.draft_vocab_size)
         self.num_slots = self.draft.num_slots
         logger.info("GSD draft model %s loaded: %d layers, KV cache for %d "
                     "requests of %d tokens", self.config.model,
@@ -154,6 +155,7 @@ class GSDProposer:
                                self.config.max_draft_nodes + 1)
             drafting.append(_Drafting(req_id, slot, tokens, graph, max_verify))
         if drafting:
+            self.stats.draft_steps += 1
             self._catch_up(drafting)
             for _ in range(1, self.config.max_depth):
                 growing = [d for d in drafting if d.frontier]
@@ -222,11 +224,16 @@ class GSDProposer:
                 write[b, :len(cols)] = cols
                 for q, col in enumerate(cols):
                     attend[b, q, :col + 1] = True
+            last = torch.tensor([len(cols) - 1 for cols in queries])
             logits = self._forward(group, tokens, positions, write, attend)
-            for b, (d, cols) in enumerate(zip(group, queries)):
+            top_tokens, top_probs = self._candidates(
+                logits[torch.arange(len(group)), last][:, None])
+            for b, d in enumerate(group):
                 d.slot.num_cached = len(d.tokens)
                 d.column[ROOT] = d.root_position
-                d.frontier = self._expand(d, [ROOT], logits[b, len(cols) - 1:len(cols)])
+                d.frontier = d.graph.expand([ROOT], top_tokens[b], top_probs[b],
+                                            self.config.sibling_ratio,
+                                            self.config.min_node_prob)
 
     def _grow_level(self, growing: list[_Drafting]) -> None:
         """One draft forward over every request's frontier nodes."""
@@ -244,9 +251,13 @@ class GSDProposer:
                 positions[b, q] = d.root_position + len(path) - 1
                 write[b, q] = d.column[node]
                 attend[b, q, [d.column[n] for n in path]] = True
-        logits = self._forward(growing, tokens, positions, write, attend)
+        top_tokens, top_probs = self._candidates(
+            self._forward(growing, tokens, positions, write, attend))
         for b, d in enumerate(growing):
-            d.frontier = self._expand(d, d.frontier, logits[b, :len(d.frontier)])
+            n = len(d.frontier)
+            d.frontier = d.graph.expand(d.frontier, top_tokens[b][:n], top_probs[b][:n],
+                                        self.config.sibling_ratio,
+                                        self.config.min_node_prob)
 
     def _padded_batch(self, rows: int, width: int, kv_len: int
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -271,10 +282,11 @@ class GSDProposer:
             torch.from_numpy(write).to(device),
             torch.from_numpy(attend).to(device))
 
-    def _expand(self, d: _Drafting, frontier: list[int],
-                logits: torch.Tensor) -> list[int]:
-        """logits: [len(frontier), vocab] of the frontier nodes."""
+    def _candidates(self, logits: torch.Tensor) -> tuple[list, list]:
+        """Top-k token ids and draft probabilities of every query, as nested
+        lists [B][Q][top_k]; one softmax and top-k for the whole batch."""
         probs = torch.softmax(logits.float(), dim=-1)
-        top_probs, top_tokens = probs.topk(self.config.top_k, dim=-1)
-        return d.graph.expand(frontier, top_tokens.tolist(), top_probs.tolist(),
-                              self.config.sibling_ratio, self.config.min_node_prob)
+        top_probs, top_columns = probs.topk(self.config.top_k, dim=-1)
+        head = self.draft.head_token_ids
+        top_tokens = top_columns if head is None else head[top_columns]
+        return top_tokens.tolist(), top_probs.tolist()
