@@ -5,9 +5,10 @@
 Runs the same greedy prompts through plain vLLM and through vLLM with
 {"method": "gsd"}, checks the outputs are token-identical, and prints
 tokens/s, the speedup, the mean acceptance length (tokens per target pass)
-and GSD's graph counters. The draft defaults to the target itself: the
-highest possible acceptance, but a draft as costly as the target cannot make
-decoding faster; pass a small draft for speed.
+and GSD's graph counters. The draft defaults to the 2-layer draft distilled
+from the target (models/, assembled by scripts/prepare_models.py), with the
+GSD settings scripts/benchmark.py uses. float32, so that plain and GSD
+outputs can be compared bit for bit (docs/benchmarks.md has bfloat16 too).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
 sys.path.insert(0, str(Path(__file__).parent))
-from prepare_models import TARGET_NAME, default_out_dir  # noqa: E402
+from benchmark import default_gsd_config  # noqa: E402
+from prepare_models import DISTILLED_DRAFT_NAME, TARGET_NAME, default_out_dir  # noqa: E402
 
 PROMPTS = [
     "The three primary colours are",
@@ -58,11 +60,11 @@ def main() -> None:
     models = default_out_dir()
     target = str(models / TARGET_NAME)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--draft", default=target, help="draft model folder")
+    parser.add_argument("--draft", default=str(models / DISTILLED_DRAFT_NAME),
+                        help="draft model folder")
     parser.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args()
-    spec = {"method": "gsd", "model": args.draft, "top_k": 4, "merge_context": 1,
-            "max_depth": 4, "max_verify_nodes": 8}
+    spec = default_gsd_config(args.draft)
 
     plain, plain_s, _, _ = run(target, None, args.max_tokens)
     gsd, gsd_s, metrics, stats = run(target, spec, args.max_tokens)
