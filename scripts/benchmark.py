@@ -26,6 +26,7 @@ OUT/speedup.png.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing as mp
 import os
@@ -141,9 +142,9 @@ def counters(llm, is_gsd: bool) -> dict:
         if not m.name.startswith("vllm:spec_decode"):
             continue
         if isinstance(m, Counter):
-            out[m.name] = out.get(m.name, 0) + m.value
+            out = combine(out, {m.name: m.value})
         elif isinstance(m, Vector):
-            out["per_pos"] = [a + b for a, b in _zip_pad(out["per_pos"], m.values)]
+            out = combine(out, {"per_pos": m.values})
     if is_gsd:
         from vllm_gsd.metrics import worker_stats
         out["gsd"] = llm.collective_rpc(worker_stats)[0]
@@ -176,18 +177,21 @@ def run_workload(llm, prompts: list[str], is_gsd: bool, batch: int, temperature:
     return {"seconds": seconds,
             "tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
             "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
-            "delta": delta(before, after)}
+            "delta": combine(after, before, -1)}
 
 
-def delta(before: dict, after: dict) -> dict:
+def combine(a: dict, b: dict, sign: int = 1) -> dict:
+    """a + sign * b, key by key, for counter snapshots: numbers, the per-depth
+    vector ("per_pos", padded to the longer) and GSD's counters ("gsd")."""
     out = {}
-    for key, value in after.items():
+    for key in a.keys() | b.keys():
+        x, y = a.get(key), b.get(key)
         if key == "per_pos":
-            out[key] = [a - b for a, b in _zip_pad(value, before.get(key, []))]
+            out[key] = [u + sign * v for u, v in _zip_pad(x or [], y or [])]
         elif key == "gsd":
-            out[key] = {k: v - before["gsd"][k] for k, v in value.items()}
+            out[key] = combine(x or {}, y or {}, sign)
         else:
-            out[key] = value - before.get(key, 0)
+            out[key] = (x or 0) + sign * (y or 0)
     return out
 
 
@@ -221,7 +225,7 @@ class Engine:
 def summarize(method: Method, runs: list[dict], plain_runs: list[dict]) -> dict:
     tok_s = [r["tokens"] / r["seconds"] for r in runs]
     ratios = [t / (p["tokens"] / p["seconds"]) for t, p in zip(tok_s, plain_runs)]
-    d = sum_deltas([r["delta"] for r in runs])
+    d = functools.reduce(combine, [r["delta"] for r in runs], {})
     drafts = d.get("vllm:spec_decode_num_drafts", 0)
     summary = {
         "tok_s_median": statistics.median(tok_s), "tok_s_min": min(tok_s),
@@ -248,19 +252,6 @@ def summarize(method: Method, runs: list[dict], plain_runs: list[dict]) -> dict:
         summary["draft_passes_per_step"] = float(method.chain_k)
         summary["draft_tokens_per_request_step"] = summary["tau"] + method.chain_k - 1
     return summary
-
-
-def sum_deltas(deltas: list[dict]) -> dict:
-    total: dict = {}
-    for d in deltas:
-        for key, value in d.items():
-            if key == "per_pos":
-                total[key] = [a + b for a, b in _zip_pad(total.get(key, []), value)]
-            elif key == "gsd":
-                total[key] = {k: total.get(key, {}).get(k, 0) + v for k, v in value.items()}
-            else:
-                total[key] = total.get(key, 0) + value
-    return total
 
 
 # ---------------------------------------------------------------------------

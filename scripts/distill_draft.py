@@ -58,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from prepare_models import (DISTILLED_DRAFT_NAME, EMBEDDING, TOKENIZER_FILES,
                             TRAINED_WEIGHTS, TARGET_NAME, default_out_dir)
 
-from vllm_gsd.draft_model import TOKEN_COUNTS_FILE
+from vllm_gsd.draft_model import TOKEN_COUNTS_FILE, frequent_token_ids
 
 logger = logging.getLogger("vllm_gsd.distill_draft")
 
@@ -857,7 +857,7 @@ def write_token_counts(data: DistillData, train_seqs: np.ndarray, held_seqs: np.
     share of held-out completion tokens each head size would cover."""
     counts = np.bincount(completion_tokens(data, train_seqs), minlength=vocab_size)
     np.save(out / TOKEN_COUNTS_FILE, counts.astype(np.int64))
-    ranked = np.argsort(-counts, kind="stable")
+    ranked = frequent_token_ids(str(out), max(VOCAB_COVERAGE_SIZES)).numpy()
     held = completion_tokens(data, held_seqs)
     return {str(n): round(float(np.isin(held, ranked[:n]).mean()), 4)
             for n in VOCAB_COVERAGE_SIZES}

@@ -184,14 +184,20 @@ def save_tp_test_models(tokenizer_dir: Path, out_dir: Path) -> list[Path]:
 
 
 def write_folder(model, tokenizer, dest: Path, marker: str) -> None:
-    """Saves into a temporary folder, then renames it into place with the
-    marker already inside, so a crash never leaves a folder that looks
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    publish(dest, marker, fill)
+
+
+def publish(dest: Path, marker: str, fill) -> None:
+    """Lets `fill` write a temporary folder, then renames it into place with
+    the marker already inside, so a crash never leaves a folder that looks
     complete."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        fill(tmp)
         (tmp / MARKER).write_text(marker)
         if dest.exists():  # an incomplete or outdated build
             shutil.rmtree(dest)
@@ -201,12 +207,10 @@ def write_folder(model, tokenizer, dest: Path, marker: str) -> None:
         raise
 
 
-def assemble_distilled_draft(target: Path, dest: Path) -> Path | None:
+def assemble_distilled_draft(target: Path, dest: Path) -> Path:
     """Builds the distilled draft's HF folder from SHIPPED_DRAFT_DIR plus the
-    target's embedding; None when the repository carries no such draft."""
+    target's embedding."""
     shipped = SHIPPED_DRAFT_DIR
-    if not (shipped / TRAINED_WEIGHTS).is_file():
-        return None
     digest = hashlib.sha256()
     for name in sorted(p.name for p in shipped.iterdir()):
         digest.update(name.encode() + (shipped / name).read_bytes())
@@ -218,9 +222,8 @@ def assemble_distilled_draft(target: Path, dest: Path) -> Path | None:
 
     weights = load_file(shipped / TRAINED_WEIGHTS)
     weights[EMBEDDING] = load_file(target / "model.safetensors")[EMBEDDING]
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
         for path in shipped.iterdir():
             if path.name != TRAINED_WEIGHTS:
@@ -228,13 +231,7 @@ def assemble_distilled_draft(target: Path, dest: Path) -> Path | None:
         for name in TOKENIZER_FILES:
             if (target / name).is_file():
                 shutil.copy2(target / name, tmp / name)
-        (tmp / MARKER).write_text(marker)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.rename(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    publish(dest, marker, fill)
     return dest
 
 
@@ -261,7 +258,7 @@ def prepare(out_dir: Path, draft_layers: list[int]) -> list[Path]:
                        marker_text(gguf, version, n))
     distilled = assemble_distilled_draft(out_dir / TARGET_NAME, out_dir / DISTILLED_DRAFT_NAME)
     tp_paths = save_tp_test_models(out_dir / TARGET_NAME, out_dir)
-    return [path for path, _ in wanted] + ([distilled] if distilled else []) + tp_paths
+    return [path for path, _ in wanted] + [distilled] + tp_paths
 
 
 def main(argv: list[str] | None = None) -> None:

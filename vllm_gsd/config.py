@@ -61,7 +61,7 @@ class GSDConfig:
 
     draft_vocab_size: int = 0
     """Restrict the draft's LM head to this many most frequent tokens (counted
-    in the draft folder's gsd_token_counts.safetensors); 0 keeps the whole
+    in the draft folder's gsd_token_counts.npy); 0 keeps the whole
     vocabulary. A cheaper head for a narrow draft; still lossless, since the
     target verifies every token."""
 

@@ -249,4 +249,3 @@ def _patch_attention() -> None:
         _wrap(impl, "forward",
               ("self", "layer", "query", "key", "value", "kv_cache",
                "attn_metadata", "output"), make)
-
