@@ -63,6 +63,11 @@ PROMPTS = [
 ]
 
 DEEP_GRAPH = {"max_depth": 5, "max_verify_nodes": 16, "max_draft_nodes": 48}
+# Merging is compared on whole trees: the adaptive budget would cut the two
+# graphs differently and blur the draft work each one needs.
+WHOLE_TREES = {"budget": "fixed"}
+METHOD_KINDS = ("plain", "draft_model", "ngram", "GSD", "GSD fixed", "GSD deep",
+                "GSD deep no merge")
 
 # Seconds between two methods' runs: idle OpenMP threads of the previous
 # engine spin briefly on these two shared cores.
@@ -270,15 +275,14 @@ def markdown(report: dict) -> str:
         f"{report['repeats']} repeats",
         f"- GSD: `{json.dumps(report['gsd_config'])}`",
         "",
-        "## vLLM draft_model chain sweep (batch 1, T=0)",
-        "",
-        "| K | tok/s | acceptance per drafted token | τ |",
-        "|---|---|---|---|",
     ]
-    for k, s in report["chain_sweep"].items():
-        lines.append(f"| {k} | {s['tok_s']:.1f} | {s['acceptance']:.3f} | {s['tau']:.2f} |")
-    lines += ["", f"Best K: {report['best_chain_k']}.", "",
-              "## Side by side", "",
+    if report["chain_sweep"]:
+        lines += ["## vLLM draft_model chain sweep (batch 1, T=0)", "",
+                  "| K | tok/s | acceptance per drafted token | τ |", "|---|---|---|---|"]
+        for k, s in report["chain_sweep"].items():
+            lines.append(f"| {k} | {s['tok_s']:.1f} | {s['acceptance']:.3f} | {s['tau']:.2f} |")
+        lines += ["", f"Best K: {report['best_chain_k']}.", ""]
+    lines += ["## Side by side", "",
               "| batch | T | method | tok/s median [min-max] | speedup vs plain [min-max] "
               "| τ | acceptance by depth | verified nodes / req-step "
               "| draft passes / step | draft tokens / req-step | merge rate | = plain |",
@@ -342,6 +346,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ngram-k", type=int, default=3)
     parser.add_argument("--dtype", default="auto",
                         help="auto: bfloat16 where the CPU has bf16 instructions, else float32")
+    parser.add_argument("--methods", nargs="+", default=list(METHOD_KINDS),
+                        choices=list(METHOD_KINDS), help="which methods to run")
     parser.add_argument("--gsd", default="{}",
                         help="JSON overriding GSD keys of the benchmark's default config")
     parser.add_argument("--out", type=Path, default=Path("bench_results"))
@@ -375,7 +381,8 @@ def main() -> None:
     job = dict(batch=1, temperature=0.0, max_tokens=args.max_tokens)
 
     sweep = {}
-    for k in tqdm(args.chain_ks, desc="chain sweep"):
+    chain_ks = args.chain_ks if "draft_model" in args.methods else []
+    for k in tqdm(chain_ks, desc="chain sweep"):
         engine = start_engine(Method(f"draft_model K={k}", {
             "method": "draft_model", "model": args.draft, "num_speculative_tokens": k}, k))
         engine.wait_ready()
@@ -388,22 +395,27 @@ def main() -> None:
                     "acceptance": d["vllm:spec_decode_num_accepted_tokens"]
                     / max(d["vllm:spec_decode_num_draft_tokens"], 1),
                     "tau": 1 + d["vllm:spec_decode_num_accepted_tokens"] / drafts}
-    best_k = max(sweep, key=lambda k: sweep[k]["tok_s"])
+    best_k = max(sweep, key=lambda k: sweep[k]["tok_s"]) if sweep else None
 
-    methods = [
-        Method("plain", None),
-        Method(f"draft_model K={best_k}", {"method": "draft_model", "model": args.draft,
-                                           "num_speculative_tokens": best_k}, best_k),
-        Method(f"ngram K={args.ngram_k}", {"method": "ngram",
-                                           "num_speculative_tokens": args.ngram_k,
-                                           "prompt_lookup_min": 2, "prompt_lookup_max": 4}),
-        Method("GSD", gsd),
+    methods = {
+        "plain": Method("plain", None),
+        "draft_model": Method(f"draft_model K={best_k}", {
+            "method": "draft_model", "model": args.draft,
+            "num_speculative_tokens": best_k}, best_k or 0),
+        "ngram": Method(f"ngram K={args.ngram_k}", {
+            "method": "ngram", "num_speculative_tokens": args.ngram_k,
+            "prompt_lookup_min": 2, "prompt_lookup_max": 4}),
+        "GSD": Method("GSD", gsd),
+        "GSD fixed": Method("GSD fixed", {**gsd, **WHOLE_TREES}),
         # Merging needs depth: at the tuned depth of 2 a candidate rarely
         # repeats another node's token after the same token (under 1 % merge
         # in docs/benchmarks.md), so it is measured on deep graphs.
-        Method("GSD deep", {**gsd, **DEEP_GRAPH}),
-        Method("GSD deep no merge", {**gsd, **DEEP_GRAPH, "merge_context": -1}),
-    ]
+        "GSD deep": Method("GSD deep", {**gsd, **DEEP_GRAPH, **WHOLE_TREES}),
+        "GSD deep no merge": Method("GSD deep no merge", {
+            **gsd, **DEEP_GRAPH, **WHOLE_TREES, "merge_context": -1}),
+    }
+    methods = [methods[kind] for kind in METHOD_KINDS
+               if kind in set(args.methods) | {"plain"}]
     engines = [start_engine(m) for m in methods]
     for e in engines:
         e.wait_ready()

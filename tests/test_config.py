@@ -55,6 +55,7 @@ BAD_FIELDS = [
     ({"max_verify_nodes": 129}, r"max_verify_nodes: 129 is out of range; allowed 1 to 128"),
     ({"max_draft_nodes": True}, r"max_draft_nodes: expected int, got True"),
     ({"draft_vocab_size": 3}, r"draft_vocab_size: 3 is smaller than top_k \(4\)"),
+    ({"budget": "auto"}, r"budget: 'auto' is not one of \[.adaptive., .fixed.\]"),
     ({"max_verify_nodes": 8, "num_speculative_tokens": 4},
      r"num_speculative_tokens \(4\) and max_verify_nodes \(8\) disagree"),
 ]

@@ -106,7 +106,7 @@ def test_self_draft_matches_plain_in_every_scenario(target, plain):
     """The target as its own draft: near-maximal acceptance, so stops and
     max_tokens land inside accepted paths."""
     with running_llm(target, {"method": "gsd", "model": target, "merge_context": 1,
-                              "max_verify_nodes": 8, "max_depth": 4},
+                              "max_verify_nodes": 8, "max_depth": 4, "budget": "fixed"},
                      max_model_len=MAX_MODEL_LEN) as llm:
         outputs = run_all(llm)
         stats = gsd_stats(llm)
@@ -125,7 +125,8 @@ def test_weak_draft_matches_plain_with_off_branch_acceptances(
     accepted paths off the first branch exercise the K/V fix-up."""
     with running_llm(target, {"method": "gsd", "model": weak_draft,
                               "merge_context": merge_context, "top_k": 6,
-                              "sibling_ratio": 0.0, "max_verify_nodes": 16},
+                              "sibling_ratio": 0.0, "max_verify_nodes": 16,
+                              "budget": "fixed"},
                      max_model_len=MAX_MODEL_LEN) as llm:
         outputs = run_all(llm, ["batch16", "batch1", "near_max_model_len"])
         stats = gsd_stats(llm)
@@ -140,7 +141,8 @@ def test_weak_draft_matches_plain_with_off_branch_acceptances(
 
 def test_chunked_prefill_and_prefix_caching_match_plain(target, weak_draft):
     """Long prompts prefilled in 64-token chunks, repeated prompts served from
-    the prefix cache; compared with plain vLLM under the same settings."""
+    the prefix cache; compared with plain vLLM under the same settings. The
+    adaptive budget (the default) cuts the weak draft's trees on this CPU."""
     settings = dict(max_model_len=MAX_MODEL_LEN, enable_chunked_prefill=True,
                     max_num_batched_tokens=64, enable_prefix_caching=True)
     names = ["batch16", "batch4"]
@@ -155,6 +157,7 @@ def test_chunked_prefill_and_prefix_caching_match_plain(target, weak_draft):
         seeded_alone, seeded_in_batch = seeded_long_prompt_runs(llm)
     assert_same(got, want)
     assert stats["verify_steps"] > 0
+    assert stats["budget_cut_nodes"] + stats["undrafted_by_budget"] > 0
     assert prefix_hits and prefix_hits[0] > 0
     assert seeded_alone == seeded_in_batch
 

@@ -68,7 +68,7 @@ def plain_samples(target):
 def gsd_samples(target):
     with running_llm(target, {"method": "gsd", "model": target, "top_k": 3,
                               "sibling_ratio": 0.0, "max_verify_nodes": 6,
-                              "max_depth": 2}, **ENGINE) as llm:
+                              "max_depth": 2, "budget": "fixed"}, **ENGINE) as llm:
         samples = {name: sample(llm, params) for name, params in SETTINGS.items()}
         stats = gsd_stats(llm)
     return samples, stats

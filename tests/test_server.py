@@ -11,12 +11,14 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import requests
 
 from conftest import running_llm
+from prompts import prompt_token_ids
 
 pytestmark = pytest.mark.slow
 
@@ -109,6 +111,95 @@ def test_server_metrics_count_verified_tree_nodes(server, target):
     url, _ = server
     complete(url, target, PROMPTS[0], stream=False)
     metrics = requests.get(f"{url}/metrics", timeout=10).text
-    drafts = [line for line in metrics.splitlines()
-              if line.startswith("vllm:spec_decode_num_draft_tokens_total")]
-    assert drafts and float(drafts[0].split()[-1]) > 0
+
+    def value(name: str) -> float:
+        lines = [line for line in metrics.splitlines() if line.startswith(name)]
+        assert lines, f"{name} missing from /metrics"
+        return float(lines[0].split()[-1])
+
+    # vLLM's drafts are GSD's verified tree nodes; GSD's own counters beside.
+    assert value("vllm:spec_decode_num_draft_tokens_total") > 0
+    assert (value("vllm:gsd_verified_nodes_total")
+            == value("vllm:spec_decode_num_draft_tokens_total"))
+    assert value("vllm:gsd_draft_forward_passes_total") > 0
+
+
+LOAD_MAX_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def load_prompts_and_plain_texts(target):
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    with running_llm(target) as llm:
+        prompts = prompt_token_ids(llm.get_tokenizer())
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
+                               SamplingParams(temperature=0, max_tokens=LOAD_MAX_TOKENS),
+                               use_tqdm=False)
+    return prompts, [o.outputs[0].text for o in outputs]
+
+
+def load_request(url: str, target: str, job: dict) -> dict:
+    """One client: sends `job`'s request; a "cancel_after" job closes its
+    stream after that many chunks, as a client that goes away."""
+    body = {"model": target, "prompt": job["prompt"], "max_tokens": job["max_tokens"],
+            "temperature": job["temperature"], "n": job.get("n", 1),
+            "stream": job["stream"]}
+    response = requests.post(f"{url}/v1/completions", json=body, stream=job["stream"],
+                             timeout=300)
+    response.raise_for_status()
+    if not job["stream"]:
+        return {"texts": [c["text"] for c in response.json()["choices"]]}
+    text, chunks = "", 0
+    for line in response.iter_lines():
+        if not line.startswith(b"data: ") or line == b"data: [DONE]":
+            continue
+        text += json.loads(line[6:])["choices"][0]["text"]
+        chunks += 1
+        if chunks == job.get("cancel_after"):
+            response.close()
+            return {"cancelled": True}
+    return {"texts": [text]}
+
+
+def scrape(url: str, name: str) -> float:
+    lines = [line for line in requests.get(f"{url}/metrics", timeout=10).text.splitlines()
+             if line.startswith(name + "{") or line.startswith(name + " ")]
+    assert lines, f"{name} missing from /metrics"
+    return sum(float(line.split()[-1]) for line in lines)
+
+
+def test_concurrent_clients_lose_nothing_and_leave_the_server_idle(
+        server, target, load_prompts_and_plain_texts):
+    """44 requests in flight at once: every prompt greedy (streamed and not,
+    1 to ~600 tokens), sampled ones with n=2, and streams their clients
+    close after two chunks. No request fails, every greedy completion
+    equals plain vLLM's, and afterwards nothing runs and the KV cache is
+    empty again."""
+    url, _ = server
+    prompts, plain = load_prompts_and_plain_texts
+    greedy = [{"prompt": p, "max_tokens": LOAD_MAX_TOKENS, "temperature": 0.0,
+               "stream": stream, "expect": text}
+              for stream in (False, True) for p, text in zip(prompts, plain)]
+    sampled = [{"prompt": p, "max_tokens": LOAD_MAX_TOKENS, "temperature": 0.8, "n": 2,
+                "stream": False} for p in prompts[1:7]]
+    cancelled = [{"prompt": p, "max_tokens": 400, "temperature": 0.0, "stream": True,
+                  "cancel_after": 2} for p in prompts[7:13]]
+    jobs = greedy + sampled + cancelled
+    assert len(jobs) >= 32
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        results = list(pool.map(lambda job: load_request(url, target, job), jobs))
+
+    for job, result in zip(jobs, results):
+        if "expect" in job:
+            assert result["texts"] == [job["expect"]]
+        elif "cancel_after" in job:
+            assert result == {"cancelled": True}
+        else:
+            assert len(result["texts"]) == 2 and all(result["texts"])
+    deadline = time.time() + 60
+    while (scrape(url, "vllm:num_requests_running") or scrape(url, "vllm:num_requests_waiting")
+           or scrape(url, "vllm:kv_cache_usage_perc")):
+        assert time.time() < deadline, "the server did not return to idle in 60 s"
+        time.sleep(1)

@@ -62,7 +62,8 @@ def test_gsd_at_tp2_equals_plain_at_tp2_even_if_rank_1_would_draft_another_tree(
         tp_models, plain_tp2):
     target, draft = tp_models
     with running_llm(target, {"method": "gsd", "model": draft, "top_k": 4,
-                              "sibling_ratio": 0.0, "max_verify_nodes": 8}, **TP) as llm:
+                              "sibling_ratio": 0.0, "max_verify_nodes": 8,
+                              "budget": "fixed"}, **TP) as llm:
         llm.collective_rpc(rank_1_drafts_chains)
         outputs = generate(llm)
         stats = sorted(llm.collective_rpc(all_ranks_stats), key=lambda s: s["rank"])

@@ -18,7 +18,8 @@ def mean_accepted_length(target: str, draft: str, **shape) -> float:
     from vllm.inputs import TokensPrompt
 
     with running_llm(target, {"method": "gsd", "model": draft,
-                              "max_verify_nodes": VERIFY_BUDGET, **shape}) as llm:
+                              "max_verify_nodes": VERIFY_BUDGET, "budget": "fixed",
+                              **shape}) as llm:
         prompts = prompt_token_ids(llm.get_tokenizer())
         llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
                      SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)

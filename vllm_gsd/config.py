@@ -18,6 +18,7 @@ from typing import Any
 # vLLM's rejection sampler caps drafts per request at 128 (MAX_SPEC_LEN in
 # vllm/v1/sample/rejection_sampler.py); the flattened tree travels as drafts.
 MAX_VERIFY_NODES = 128
+BUDGETS = ("adaptive", "fixed")
 
 
 class GSDConfigError(ValueError):
@@ -69,6 +70,13 @@ class GSDConfig:
     """Memory for the draft model's KV cache (GiB). It holds whole requests;
     when more requests run than fit, the least recently drafted lose their
     draft cache and are recomputed, or decode without a tree that step."""
+
+    budget: str = "adaptive"
+    """How much of each tree to verify. "adaptive": every step, the nodes
+    (possibly none) that maximise expected tokens per second, from the
+    running acceptance and the measured cost of steps on this hardware at
+    this batch size (`vllm_gsd.budget`); "fixed": always the whole tree of
+    up to max_verify_nodes."""
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -124,6 +132,11 @@ class GSDConfig:
                 f"smaller than top_k ({self.top_k}); use 0 (whole vocabulary) or "
                 "at least top_k.")
         _check_range("draft_cache_gib", self.draft_cache_gib, 0.001, 1024)
+        _check_type("budget", self.budget, str)
+        if self.budget not in BUDGETS:
+            raise GSDConfigError(
+                f"speculative_config.budget: {self.budget!r} is not one of "
+                f"{list(BUDGETS)}.")
 
     def check_draft_model(self, target_vocab_size: int) -> None:
         """Checks the draft folder exists and shares the target's vocabulary."""

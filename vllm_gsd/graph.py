@@ -391,6 +391,20 @@ class FlatTree:
             raise ValueError(f"cannot truncate a tree of {len(self)} nodes to {n}")
         return FlatTree(self.tokens[:n], self.parents[:n], self.depths[:n], self.probs[:n])
 
+    def subtree(self, kept: Sequence[int]) -> FlatTree:
+        """The tree of the `kept` flat indices (ascending, closed under
+        ancestors), in the same flat order, parents renumbered."""
+        index = {j: i for i, j in enumerate(kept)}
+        parents = []
+        for j in kept:
+            parent = self.parents[j]
+            if parent >= 0 and parent not in index:
+                raise ValueError(f"node {j} is kept without its parent {parent}")
+            parents.append(index[parent] if parent >= 0 else -1)
+        return FlatTree(tuple(self.tokens[j] for j in kept), tuple(parents),
+                        tuple(self.depths[j] for j in kept),
+                        tuple(self.probs[j] for j in kept))
+
     def ancestor_mask(self) -> np.ndarray:
         """bool [n, n]: mask[i, j] is True when j is i or an ancestor of i."""
         n = len(self)

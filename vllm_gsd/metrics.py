@@ -2,13 +2,17 @@
 
 vLLM's `vllm:spec_decode_*` metrics stay meaningful without help: drafts =
 verified tree nodes, accepted = accepted path length. These counters add what
-only GSD knows (graph size, merges, draft work). Read them with
-`llm.collective_rpc(vllm_gsd.metrics.worker_stats)`.
+only GSD knows (graph size, merges, draft work, the budget's cuts). They
+reach vLLM's Prometheus registry as `vllm:gsd_<counter>` (so `/metrics` and
+`LLM.get_metrics()` show them, with vLLM's `model_name` and `engine` labels):
+each step's increments ride from the worker to the front end with vLLM's
+own scheduler stats (`vllm_gsd.patches` P7). A worker's running totals are
+also readable with `llm.collective_rpc(vllm_gsd.metrics.worker_stats)`.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from vllm_gsd.graph import FlatTree, TokenGraph
@@ -29,7 +33,12 @@ class GSDStats:
     merged_edges: int = 0
     """Candidates merged into an existing node instead of being drafted."""
     tree_nodes: int = 0
-    """Nodes of the unrolled trees sent for verification."""
+    """Nodes of the trees sent for verification (after the budget's cut)."""
+    budget_cut_nodes: int = 0
+    """Unrolled tree nodes the adaptive budget left unverified."""
+    undrafted_by_budget: int = 0
+    """Request-steps not drafted because the budget found drafting would
+    not pay (plain decoding for that step)."""
     verified_nodes: int = 0
     """Tree nodes the target scored (after the scheduler's truncation)."""
     accepted_tokens: int = 0
@@ -40,6 +49,7 @@ class GSDStats:
     """Accepted paths that left the first branch (needed the KV fix-up)."""
     plain_fallbacks: int = 0
     """Request-steps decoded without a tree because of their sampling options."""
+    _reported: dict[str, int] = field(default_factory=dict, repr=False)
 
     def observe_graph(self, graph: TokenGraph, tree: FlatTree) -> None:
         self.graphs += 1
@@ -57,7 +67,53 @@ class GSDStats:
             self.off_first_branch_accepts += 1
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {name: getattr(self, name) for name in counter_names()}
+
+    def take_increments(self) -> dict[str, int]:
+        """What grew since the last call (non-zero counters only)."""
+        now = self.as_dict()
+        increments = {k: v - self._reported.get(k, 0) for k, v in now.items()
+                      if v != self._reported.get(k, 0)}
+        self._reported = now
+        return increments
+
+
+def counter_names() -> tuple[str, ...]:
+    return tuple(f.name for f in fields(GSDStats) if not f.name.startswith("_"))
+
+
+# This process's registered GSD counters: a new engine's replace them, as
+# vLLM's own PrometheusStatLogger replaces vLLM's (unregister_vllm_metrics).
+_registered: list[Any] = []
+
+
+class PrometheusCounters:
+    """`vllm:gsd_<counter>` in the front end's Prometheus registry, labelled
+    like vLLM's own metrics (vllm/v1/metrics/loggers.py)."""
+
+    def __init__(self, model_name: str, engine_indexes: list[int]):
+        import prometheus_client
+
+        for collector in _registered:
+            try:
+                prometheus_client.REGISTRY.unregister(collector)
+            except KeyError:  # vLLM already unregistered it
+                pass
+        _registered.clear()
+        self.counters: dict[str, dict[int, Any]] = {}
+        for name in counter_names():
+            counter = prometheus_client.Counter(
+                f"vllm:gsd_{name}", f"GSD: {name.replace('_', ' ')} "
+                "(vllm_gsd.metrics.GSDStats)", labelnames=["model_name", "engine"])
+            _registered.append(counter)
+            self.counters[name] = {i: counter.labels(model_name, str(i))
+                                   for i in engine_indexes}
+
+    def record(self, engine_index: int, increments: dict[str, int]) -> None:
+        for name, value in increments.items():
+            per_engine = self.counters.get(name, {})
+            if engine_index in per_engine:
+                per_engine[engine_index].inc(value)
 
 
 def worker_stats(worker: Any) -> dict[str, Any]:

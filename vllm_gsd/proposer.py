@@ -14,11 +14,15 @@ One draft step for all requests together:
   2. one draft forward per further level over every request's frontier, each
      node attending to the prefix and its own creation ancestors at position
      root + depth; candidates merge into the graph (`TokenGraph.expand`);
-  3. the graph unrolls into the verify tree (`TokenGraph.unroll`).
+  3. the graph unrolls into the verify tree (`TokenGraph.unroll`), and the
+     adaptive budget (`vllm_gsd.budget`) keeps the nodes worth verifying on
+     this hardware at this batch size, possibly none; when even the best
+     tree does not pay for its drafting, the next step drafts nothing.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +31,7 @@ import torch
 
 from vllm.logger import init_logger
 
+from vllm_gsd.budget import BudgetRequest, GraphBudget, StepCostModel, StepShape
 from vllm_gsd.config import GSDConfig
 from vllm_gsd.draft_model import TreeDraftModel
 from vllm_gsd.graph import ROOT, FlatTree, TokenGraph
@@ -40,8 +45,11 @@ if TYPE_CHECKING:
 logger = init_logger(f"vllm.{__name__}")
 
 # Catch-ups longer than this (a new prompt) run alone instead of padding the
-# whole batch to their length.
-_BATCHED_CATCH_UP_LEN = 16
+# whole batch to their length; shorter ones include the tokens of steps the
+# budget left undrafted (at most its probe interval).
+_BATCHED_CATCH_UP_LEN = 64
+# vLLM's threshold for "temperature means greedy" (vllm/v1/sample/sampler.py).
+_SAMPLING_EPS = 1e-5
 
 
 @dataclass
@@ -63,6 +71,9 @@ class _Drafting:
     tokens: np.ndarray  # [num_tokens] accepted tokens, the root last
     graph: TokenGraph
     max_verify: int
+    greedy: bool
+    pinned: bool
+    """Seeded sampling: always drafted, whole tree (`vllm_gsd.budget`)."""
     frontier: list[int] = field(default_factory=list)
     column: dict[int, int] = field(default_factory=dict)
     """Draft cache column of each node fed to the draft this step."""
@@ -111,6 +122,11 @@ class GSDProposer:
         self._slots: dict[str, _Slot] = {}
         self._step = 0
         self._plain_reasons_logged: set[str] = set()
+        self.budget = (GraphBudget(self.config.max_depth)
+                       if self.config.budget == "adaptive" else None)
+        self._verifying: dict[str, BudgetRequest] = {}
+        """This step's trees as offered to the budget, for its calibration."""
+        self._timing = _StepTiming()
 
     def load_model(self, target_model: torch.nn.Module) -> None:
         device = next(target_model.parameters()).device
@@ -129,17 +145,28 @@ class GSDProposer:
                 num_tokens_no_spec: np.ndarray, token_ids_cpu: np.ndarray,
                 slot_mappings: Any = None) -> list[list[int]]:
         """Drafts a tree per request; returns its flattened tokens per row."""
+        start = time.perf_counter()
         self._step += 1
         # Trees live for one step: a request left out of the next step is
         # verified later as a chain of its drafts (still exact).
         self.trees = {}
+        self._verifying = {}
+        draft_unpinned = self.budget is None or self.budget.next_step()
         req_ids = self.runner.input_batch.req_ids
         drafting = []
+        num_decoding = 0
         for row, sampled in enumerate(sampled_token_ids):
             if not sampled:  # a prefill chunk or a discarded row
                 continue
+            num_decoding += 1
             req_id = req_ids[row]
-            if self._needs_plain_decoding(req_id):
+            params = self._tree_sampling_params(req_id)
+            if params is None:
+                continue
+            greedy = params.temperature < _SAMPLING_EPS
+            pinned = not greedy and params.seed is not None
+            if not (draft_unpinned or pinned):
+                self.stats.undrafted_by_budget += 1
                 continue
             num_tokens = int(num_tokens_no_spec[row])
             max_verify = min(self.config.max_verify_nodes,
@@ -153,37 +180,72 @@ class GSDProposer:
             graph = TokenGraph(tokens[-max(self.config.merge_context, 0) - 1:],
                                self.config.merge_context,
                                self.config.max_draft_nodes + 1)
-            drafting.append(_Drafting(req_id, slot, tokens, graph, max_verify))
+            drafting.append(_Drafting(req_id, slot, tokens, graph, max_verify,
+                                      greedy, pinned))
+        new_prompts = False
         if drafting:
             self.stats.draft_steps += 1
-            self._catch_up(drafting)
+            new_prompts = self._catch_up(drafting)
             for _ in range(1, self.config.max_depth):
                 growing = [d for d in drafting if d.frontier]
                 if not growing:
                     break
                 self._grow_level(growing)
-        for d in drafting:
-            tree = d.graph.unroll(d.max_verify, self.config.max_depth)
-            self.stats.observe_graph(d.graph, tree)
-            if len(tree):
-                self.trees[d.req_id] = tree
+        offers = [BudgetRequest(d.graph.unroll(d.max_verify, self.config.max_depth),
+                                d.greedy, d.pinned) for d in drafting]
+        if self.budget is not None and drafting:
+            if not new_prompts:  # the steady state is what the budget weighs
+                self.budget.costs.observe_draft(len(drafting),
+                                                (time.perf_counter() - start) * 1e3)
+            choice = self.budget.choose(offers, num_decoding)
+            for offer, kept in zip(offers, choice.kept):
+                self.stats.budget_cut_nodes += len(offer.tree) - len(kept)
+                offer.tree = offer.tree.subtree(kept)
+        for d, offer in zip(drafting, offers):
+            self.stats.observe_graph(d.graph, offer.tree)
+            if len(offer.tree):
+                self.trees[d.req_id] = offer.tree
+                self._verifying[d.req_id] = offer
+        self._timing.draft_ms += (time.perf_counter() - start) * 1e3
         return [list(self.trees[r].tokens) if r in self.trees else []
                 for r in req_ids[:len(sampled_token_ids)]]
 
-    def _needs_plain_decoding(self, req_id: str) -> bool:
+    def observe_acceptance(self, batch_index: int, verified: FlatTree,
+                           path: list[int]) -> None:
+        """The verifier's result for one request: the tree it verified (this
+        step's tree, possibly cut by the scheduler, or another rank's) and
+        the flat indices of the accepted path."""
+        self.stats.observe_acceptance(len(verified), path)
+        offer = self._verifying.get(self.runner.input_batch.req_ids[batch_index])
+        if (self.budget is not None and offer is not None and len(verified)
+                and verified.tokens == offer.tree.tokens[:len(verified)]
+                and verified.parents == offer.tree.parents[:len(verified)]):
+            self.budget.observe_acceptance(offer, len(verified), path)
+
+    def target_step_started(self, shape: StepShape) -> None:
+        if self.budget is not None:
+            self._timing.start(shape, self.budget.costs)
+
+    def target_step_finished(self) -> None:
+        if self.budget is not None:
+            self._timing.finish(self.budget.costs)
+
+    def _tree_sampling_params(self, req_id: str) -> SamplingParams | None:
+        """The request's sampling params, or None when it must be decoded
+        without a tree."""
         state = self.runner.requests.get(req_id)
         params = getattr(state, "sampling_params", None)
         if params is None:
-            return True
+            return None
         reason = plain_decoding_reason(params)
         if reason is None:
-            return False
+            return params
         self.stats.plain_fallbacks += 1
         if reason not in self._plain_reasons_logged:
             self._plain_reasons_logged.add(reason)
             logger.info("GSD: requests with %s are decoded without a tree "
                         "(exact plain sampling); logged once per reason.", reason)
-        return True
+        return None
 
     def _slot_for(self, req_id: str, active: set[str]) -> _Slot | None:
         """The request's cache slot; evicts the least recently used idle one."""
@@ -203,8 +265,9 @@ class GSDProposer:
         slot.last_used = self._step
         return slot
 
-    def _catch_up(self, drafting: list[_Drafting]) -> None:
-        """Feeds each request's uncached accepted tokens; expands the roots."""
+    def _catch_up(self, drafting: list[_Drafting]) -> bool:
+        """Feeds each request's uncached accepted tokens; expands the roots.
+        Returns whether a long catch-up (a new prompt) ran on its own."""
         for d in drafting:
             # A request whose tokens shrank (should not happen) restarts.
             if d.slot.num_cached >= len(d.tokens):
@@ -213,6 +276,7 @@ class GSDProposer:
                  if len(d.tokens) - d.slot.num_cached <= _BATCHED_CATCH_UP_LEN]
         groups = [short] if short else []
         groups += [[d] for d in drafting if d not in short]
+        new_prompts = len(short) < len(drafting)
         for group in groups:
             queries = [list(range(d.slot.num_cached, len(d.tokens))) for d in group]
             tokens, positions, write, attend = self._padded_batch(
@@ -234,6 +298,7 @@ class GSDProposer:
                 d.frontier = d.graph.expand([ROOT], top_tokens[b], top_probs[b],
                                             self.config.sibling_ratio,
                                             self.config.min_node_prob)
+        return new_prompts
 
     def _grow_level(self, growing: list[_Drafting]) -> None:
         """One draft forward over every request's frontier nodes."""
@@ -290,3 +355,33 @@ class GSDProposer:
         head = self.draft.head_token_ids
         top_tokens = top_columns if head is None else head[top_columns]
         return top_tokens.tolist(), top_probs.tolist()
+
+
+@dataclass
+class _StepTiming:
+    """Wall-clock measurement of target steps for the budget's cost model:
+    from input preparation to the end of sampling, less the proposer's own
+    time (measured as draft time), and the gap to the next step."""
+
+    draft_ms: float = 0.0
+    _shape: StepShape | None = None
+    _started: float = 0.0
+    _ended: float | None = None
+    _last_step_ms: float = 0.0
+
+    def start(self, shape: StepShape, costs: StepCostModel) -> None:
+        now = time.perf_counter()
+        if self._ended is not None:
+            gap_ms = (now - self._ended) * 1e3
+            # A longer gap is the engine idling between requests, not overhead.
+            if gap_ms <= self._last_step_ms:
+                costs.observe_gap(gap_ms)
+        self._shape, self._started, self.draft_ms = shape, now, 0.0
+
+    def finish(self, costs: StepCostModel) -> None:
+        if self._shape is None:
+            return
+        now = time.perf_counter()
+        self._last_step_ms = (now - self._started) * 1e3
+        costs.observe_target(self._shape, self._last_step_ms - self.draft_ms)
+        self._shape, self._ended = None, now

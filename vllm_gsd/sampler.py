@@ -13,6 +13,7 @@ drafts, zeroed drafts) are verified as chains by the same walk.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -24,7 +25,6 @@ from vllm.v1.sample.rejection_sampler import PLACEHOLDER_TOKEN_ID, RejectionSamp
 
 from vllm_gsd.attention import active_step, rewrite_accepted_kv
 from vllm_gsd.graph import FlatTree
-from vllm_gsd.metrics import GSDStats
 from vllm_gsd.verify import accept, choose_tokens
 
 # vLLM's threshold for "temperature means greedy" (vllm/v1/sample/sampler.py).
@@ -33,9 +33,11 @@ _SAMPLING_EPS = 1e-5
 
 class GSDRejectionSampler(RejectionSampler):
     def __init__(self, sampler: Any, spec_config: Any, device: Any,
-                 stats: GSDStats):
+                 on_acceptance: Callable[[int, FlatTree, list[int]], None]):
+        """on_acceptance(batch index, verified tree, accepted path) is
+        called for every request of every step (counters, budget)."""
         super().__init__(sampler, spec_config, device)
-        self.stats = stats
+        self.on_acceptance = on_acceptance
 
     def forward(self, metadata: Any, draft_probs: torch.Tensor | None,
                 logits: torch.Tensor, sampling_metadata: Any) -> SamplerOutput:
@@ -74,7 +76,7 @@ class GSDRejectionSampler(RejectionSampler):
             emitted_rows[i, :len(path) + 1] = torch.tensor(
                 [first_row] + [first_row + 1 + j for j in path])
             accepted[i] = path
-            self.stats.observe_acceptance(num_drafts, path)
+            self.on_acceptance(i, tree, path)
             start += num_drafts
         if step is not None and step.waves:
             rewrite_accepted_kv(step, accepted)

@@ -31,6 +31,7 @@ import torch
 
 from vllm.v1.attention.backend import CommonAttentionMetadata
 
+from vllm_gsd.budget import StepShape
 from vllm_gsd.graph import Branch, FlatTree
 
 
@@ -121,6 +122,14 @@ def build_tree_step(runner: Any, scheduler_output: Any,
     return TreeStep(requests, waves,
                     torch.tensor(stash_rows, dtype=torch.long, device=device),
                     stash_offset)
+
+
+def tree_step_shape(step: TreeStep | None, num_tokens: int) -> StepShape:
+    """What the budget's cost model needs to know of a target step."""
+    if step is None:
+        return StepShape(num_tokens)
+    return StepShape(num_tokens, sum(len(r.off_first_branches) for r in step.requests),
+                     len(step.waves))
 
 
 def _set_tree_positions(positions: torch.Tensor,

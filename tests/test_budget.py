@@ -1,0 +1,134 @@
+"""The adaptive graph budget (vllm_gsd.budget), on synthetic hardware."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vllm_gsd.budget import (AcceptanceCalibration, BudgetRequest, GraphBudget,
+                             RecursiveLeastSquares, StepShape)
+from vllm_gsd.graph import FlatTree
+
+# Flat (DFS) order: a chain 0-1-2 (path probs .6 .4 .3), node 3 a second child
+# of 0 (.1), then a second root child 4 (.3) with its child 5 (.2).
+TREE = FlatTree(tokens=(10, 11, 12, 13, 20, 21), parents=(-1, 0, 1, 0, -1, 4),
+                depths=(1, 2, 3, 2, 1, 2), probs=(0.6, 0.4, 0.3, 0.1, 0.3, 0.2))
+
+
+def trained_budget(ms_per_token: float, fixed_ms: float, ms_per_branch: float = 0.5,
+                   draft_ms: float = 3.0, steps: int = 200) -> GraphBudget:
+    """A budget whose cost model has measured hardware where a step costs
+    fixed_ms + ms_per_token * tokens + ms_per_branch * branches."""
+    budget = GraphBudget(max_depth=3, warmup_steps=0, probe_interval=10**9)
+    rng = np.random.default_rng(0)
+    for _ in range(steps):
+        shape = StepShape(int(rng.integers(1, 200)), int(rng.integers(0, 20)),
+                          int(rng.integers(0, 5)))
+        budget.costs.observe_target(shape, fixed_ms + ms_per_token * shape.tokens
+                                    + ms_per_branch * shape.branches)
+        budget.costs.observe_draft(int(rng.integers(1, 32)), draft_ms)
+    return budget
+
+
+def choose(budget: GraphBudget, requests: list[BudgetRequest], base_tokens: int):
+    budget.next_step()
+    return budget.choose(requests, base_tokens)
+
+
+def test_recursive_least_squares_recovers_a_linear_cost():
+    model = RecursiveLeastSquares(3, 0.99, np.zeros(3), 1e4)
+    rng = np.random.default_rng(1)
+    for _ in range(100):
+        x = np.array([1.0, *rng.uniform(0, 50, 2)])
+        model.update(x, x @ [20.0, 0.5, 2.0])
+    assert model.weights == pytest.approx([20.0, 0.5, 2.0], rel=1e-3)
+
+
+def test_subtree_keeps_flat_order_and_renumbers_parents():
+    sub = TREE.subtree([0, 1, 4])
+    assert sub.tokens == (10, 11, 20)
+    assert sub.parents == (-1, 0, -1)
+    assert sub.depths == (1, 2, 1)
+    assert sub.probs == (0.6, 0.4, 0.3)
+    with pytest.raises(ValueError, match="without its parent"):
+        TREE.subtree([0, 5])
+
+
+def test_free_tokens_verify_the_whole_tree():
+    budget = trained_budget(ms_per_token=0.0, fixed_ms=40.0, ms_per_branch=0.0)
+    choice = choose(budget, [BudgetRequest(TREE, greedy=True)], base_tokens=1)
+    assert choice.kept == [list(range(len(TREE)))]
+    assert budget.draft_gain > 1.0
+
+
+def test_expensive_tokens_verify_nothing_and_soon_stop_drafting():
+    # Each token costs as much as a whole plain step: no node can pay.
+    budget = trained_budget(ms_per_token=40.0, fixed_ms=0.0)
+    choice = choose(budget, [BudgetRequest(TREE, greedy=True)], base_tokens=1)
+    assert choice.kept == [[]]
+    assert budget.draft_gain < 1.0
+    assert not budget.next_step()
+
+
+def test_middle_cost_keeps_the_most_valuable_nodes_each_after_its_parent():
+    # The next node pays while its value exceeds the current rate (tokens
+    # per ms) times its 10 ms: nodes of value .6 .4 .3 .3 do, .2 does not.
+    budget = trained_budget(ms_per_token=10.0, fixed_ms=60.0, ms_per_branch=0.0)
+    choice = choose(budget, [BudgetRequest(TREE, greedy=True)], base_tokens=1)
+    assert choice.kept == [[0, 1, 2, 4]]
+    TREE.subtree(choice.kept[0])  # closed under ancestors
+
+
+def test_batch_size_shrinks_the_tree_on_linear_hardware():
+    # CPU-like: a step costs 40 ms + 2 ms per token. At batch 1 the tree's
+    # best nodes pay; at batch 16 every extra token slows 16 requests.
+    budget = trained_budget(ms_per_token=2.0, fixed_ms=40.0)
+    alone = choose(budget, [BudgetRequest(TREE, greedy=True)], base_tokens=1)
+    batch = choose(budget, [BudgetRequest(TREE, greedy=True)] * 16, base_tokens=16)
+    assert len(alone.kept[0]) >= 3
+    assert sum(map(len, batch.kept)) < 16 * len(alone.kept[0])
+    assert sum(map(len, batch.kept)) <= 16  # at most about one node each
+
+
+def test_pinned_requests_keep_their_whole_tree():
+    # Verifying costs more than it can earn, yet a seeded sampled request's
+    # tree is whole, so its random numbers do not depend on timing.
+    budget = trained_budget(ms_per_token=40.0, fixed_ms=0.0)
+    choice = choose(budget, [BudgetRequest(TREE, greedy=False, pinned=True)],
+                    base_tokens=1)
+    assert choice.kept == [list(range(len(TREE)))]
+
+
+def test_warmup_verifies_full_trees_then_only_probes_draft():
+    budget = GraphBudget(max_depth=3, warmup_steps=2, probe_interval=5)
+    budget.costs = trained_budget(ms_per_token=40.0, fixed_ms=0.0).costs
+    full = [list(range(len(TREE)))]
+    decisions = []
+    for _ in range(10):
+        drafted = budget.next_step()
+        kept = budget.choose([BudgetRequest(TREE, greedy=True)], base_tokens=1).kept
+        decisions.append((drafted, kept == full))
+    assert decisions[:2] == [(True, True)] * 2  # warm-up
+    assert [d for d, _ in decisions[2:]] == [False, False, True, False, False,
+                                             False, False, True]  # probes: 5, 10
+
+
+def test_one_poor_step_does_not_stop_drafting():
+    budget = trained_budget(ms_per_token=1.0, fixed_ms=40.0)
+    unsure = FlatTree((1,), (-1,), (1,), (0.01,))
+    for _ in range(5):
+        choose(budget, [BudgetRequest(TREE, greedy=True)], base_tokens=1)
+    choose(budget, [BudgetRequest(unsure, greedy=True)], base_tokens=1)
+    assert budget.next_step()
+
+
+def test_calibration_learns_the_acceptance_per_depth():
+    calibration = AcceptanceCalibration(max_depth=3, decay=1.0)
+    chain = FlatTree.chain([1, 2])
+    chain = FlatTree(chain.tokens, chain.parents, chain.depths, (0.5, 0.25))
+    for _ in range(1000):
+        # Depth 1 is accepted every time (p said 0.5), depth 2 never.
+        calibration.observe(chain, 2, [0], greedy=True)
+    assert calibration.value(0.5, 1, greedy=True) == pytest.approx(1.0, abs=0.01)
+    assert calibration.value(0.25, 2, greedy=True) == pytest.approx(0.0, abs=0.01)
+    assert calibration.value(0.5, 1, greedy=False) == 0.5  # sampled: prior only

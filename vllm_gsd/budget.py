@@ -1,0 +1,286 @@
+"""How much of each drafted tree to verify: the adaptive graph budget.
+
+A tree node is worth verifying when the tokens it is expected to add outweigh
+the time it costs. Both sides move with the hardware and the batch: one H100
+pass over 256 tokens costs about what a pass over 1 costs, a 2-core CPU pays
+for every token past a handful, and a large batch leaves no spare compute on
+either. So both are measured while serving, and every step picks the node
+set that maximises expected tokens per second (Sequoia, arXiv 2402.12374,
+sizes its trees on the same trade-off, from offline measurements).
+
+Expected tokens. A node is accepted exactly when the target agrees with its
+whole path, so the expected accepted length of a tree is the sum over its
+nodes of P(node accepted). The draft's path probability p estimates that
+probability; `AcceptanceCalibration` corrects it per depth (and separately
+for greedy and sampled requests) with the running ratio
+accepted nodes / sum of p over verified nodes at that depth.
+
+Cost. `StepCostModel` fits the measured time of a step, linear in the
+step's target tokens, its replayed branches and its replay waves (kernel
+calls), by recursive least squares with forgetting, so it follows the
+operating point. The draft's time per step is fitted on the number of
+requests drafted, and the time between steps (scheduler, output processing)
+is a running mean.
+
+Choice. Nodes enter in order of calibrated value, a node only after its
+parent (so every prefix of the order is a valid set of trees); for every
+prefix length k the predicted rate is
+    (requests + expected accepted nodes of the first k) / predicted step time,
+and the best k wins, k = 0 (no tree at all) included. The best rate with the
+draft's time added, over plain decoding's rate, is averaged over recent
+steps (one step's tree says little about the next one's); while that gain
+is below 1 the steps do not draft at all, except every `probe_interval`-th,
+which keeps the estimate current. The first `warmup_steps` verify full
+trees, so the cost model sees steps of many sizes before it decides.
+
+Greedy output never depends on the budget (verification is exact). For
+sampled requests the budget changes which random numbers land on which
+token, which is still exact in distribution but would make a seeded
+request depend on timing; such requests are "pinned": always drafted, with
+their full trees.
+
+Pure NumPy; imports nothing from vLLM.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from vllm_gsd.graph import FlatTree
+
+
+class RecursiveLeastSquares:
+    """y ≈ w·x, refitted after every observation; old ones fade by
+    `forgetting` per observation (0.99: a window of about 100)."""
+
+    def __init__(self, num_features: int, forgetting: float,
+                 prior_weights: np.ndarray, prior_variance: float):
+        self.weights = np.asarray(prior_weights, dtype=np.float64).copy()
+        self.covariance = np.eye(num_features) * prior_variance
+        self._max_trace = num_features * prior_variance
+        self.forgetting = forgetting
+        self.num_observations = 0
+
+    def predict(self, x: np.ndarray) -> float:
+        return float(self.weights @ x)
+
+    def update(self, x: np.ndarray, y: float) -> None:
+        x = np.asarray(x, dtype=np.float64)
+        px = self.covariance @ x
+        gain = px / (self.forgetting + x @ px)
+        self.weights += gain * (y - self.weights @ x)
+        self.covariance = (self.covariance - np.outer(gain, px)) / self.forgetting
+        # Forgetting inflates the directions no observation excites (a batch
+        # that never varies): bounded, they cannot blow up.
+        trace = np.trace(self.covariance)
+        if trace > self._max_trace:
+            self.covariance *= self._max_trace / trace
+        self.num_observations += 1
+
+
+@dataclass
+class StepShape:
+    """What a target step computes."""
+
+    tokens: int
+    """Target token rows (decode rows, prefill chunk tokens, tree nodes)."""
+    branches: int = 0
+    """Off-first branches recomputed by branch replay."""
+    waves: int = 0
+    """Replay kernel calls per layer (the most branches of one request)."""
+
+    def features(self) -> np.ndarray:
+        return _cost_features(np.array([self.tokens]), np.array([self.branches]),
+                              np.array([self.waves]))[0]
+
+
+def _cost_features(tokens: np.ndarray, branches: np.ndarray,
+                   waves: np.ndarray) -> np.ndarray:
+    """[n, 4]: what a step's time is linear in."""
+    return np.stack([np.ones(len(tokens)), tokens, branches, waves], axis=1)
+
+
+class StepCostModel:
+    """Predicted milliseconds of target steps, draft work and the gap
+    between steps, all learned from measurements."""
+
+    _GAP_DECAY = 0.95
+
+    def __init__(self, forgetting: float = 0.99):
+        # Priors matter only until the first few steps are measured.
+        self.target = RecursiveLeastSquares(4, forgetting, np.zeros(4), 1e4)
+        self.draft = RecursiveLeastSquares(2, forgetting, np.zeros(2), 1e4)
+        self.gap_ms = 0.0
+
+    def observe_target(self, shape: StepShape, ms: float) -> None:
+        self.target.update(shape.features(), ms)
+
+    def observe_draft(self, num_requests: int, ms: float) -> None:
+        self.draft.update(np.array([1.0, num_requests]), ms)
+
+    def observe_gap(self, ms: float) -> None:
+        self.gap_ms = self._GAP_DECAY * self.gap_ms + (1 - self._GAP_DECAY) * ms
+
+    def step_ms_each(self, tokens: np.ndarray, branches: np.ndarray,
+                     waves: np.ndarray) -> np.ndarray:
+        """Predicted time of steps of these shapes, arrays [n], gap included."""
+        predicted = _cost_features(tokens, branches, waves) @ self.target.weights
+        return np.maximum(predicted, 1e-3) + self.gap_ms
+
+    def draft_ms(self, num_requests: int) -> float:
+        return max(self.draft.predict(np.array([1.0, num_requests])), 0.0)
+
+
+class AcceptanceCalibration:
+    """P(node accepted) ≈ scale[greedy, depth] * draft path probability."""
+
+    def __init__(self, max_depth: int, decay: float = 0.995, prior_weight: float = 1.0):
+        shape = (2, max_depth + 1)
+        # The prior says "the draft is calibrated" with the weight of one
+        # fully probable node.
+        self.accepted = np.full(shape, prior_weight)
+        self.predicted = np.full(shape, prior_weight)
+        self.decay = decay
+
+    def value(self, prob: float, depth: int, greedy: bool) -> float:
+        g = int(greedy)
+        return min(1.0, prob * self.accepted[g, depth] / self.predicted[g, depth])
+
+    def observe(self, tree: FlatTree, num_verified: int, path: list[int],
+                greedy: bool) -> None:
+        """One request-step: its verified nodes (the first `num_verified`)
+        and the accepted path (flat indices)."""
+        g = int(greedy)
+        self.accepted[g] *= self.decay
+        self.predicted[g] *= self.decay
+        for j in range(num_verified):
+            self.predicted[g, tree.depths[j]] += tree.probs[j]
+        for j in path:
+            self.accepted[g, tree.depths[j]] += 1.0
+
+
+@dataclass
+class BudgetRequest:
+    """One request's drafted tree, offered to the budget."""
+
+    tree: FlatTree
+    greedy: bool
+    pinned: bool = False
+    """Verify the whole tree whatever it costs (seeded sampling)."""
+
+
+@dataclass
+class Choice:
+    kept: list[list[int]]
+    """Per request, the flat indices of the nodes to verify (ancestor-closed)."""
+    expected_rate: float
+    """Predicted tokens per millisecond of the choice."""
+
+
+@dataclass
+class GraphBudget:
+    """Per-step choice of the nodes to verify; see the module docstring."""
+
+    max_depth: int
+    warmup_steps: int = 16
+    """Steps measured with full trees before the budget chooses."""
+    probe_interval: int = 16
+    """While drafting does not pay, every this many steps drafts anyway."""
+    gain_decay: float = 0.9
+    """Weight of the past in the running gain of drafting."""
+    costs: StepCostModel = field(default_factory=StepCostModel)
+    calibration: AcceptanceCalibration = field(init=False)
+    draft_gain: float = 1.0
+    """Running mean of (best rate with drafting) / (plain decoding's rate)."""
+    _steps: int = 0
+
+    def __post_init__(self) -> None:
+        self.calibration = AcceptanceCalibration(self.max_depth)
+
+    def next_step(self) -> bool:
+        """Starts a draft step; returns whether unpinned requests are drafted."""
+        self._steps += 1
+        return (self.draft_gain > 1.0 or self._warming_up()
+                or self._steps % self.probe_interval == 0)
+
+    def _warming_up(self) -> bool:
+        return self._steps <= self.warmup_steps
+
+    def choose(self, requests: list[BudgetRequest], base_tokens: int) -> Choice:
+        """The nodes to verify this step.
+
+        requests: the drafted trees. base_tokens: the step's target rows
+        without any tree (one per decoding request, plus prefill chunks).
+        """
+        first_children = [_first_children(r.tree) for r in requests]
+        chosen: list[list[int]] = [[] for _ in requests]
+        branches = [0] * len(requests)
+        expected = float(len(requests))
+        for i, r in enumerate(requests):
+            if r.pinned:
+                chosen[i] = list(range(len(r.tree)))
+                branches[i] = len(r.tree) - len(first_children[i])
+                expected += sum(self._value(r, j) for j in chosen[i])
+        order = self._unpinned_nodes_by_value(requests)
+        # Step shape and expected tokens after the first k nodes of `order`,
+        # for every k (row k).
+        shape = np.zeros((len(order) + 1, 4))
+        shape[0] = [expected, base_tokens + sum(map(len, chosen)), sum(branches),
+                    max(branches, default=0)]
+        for k, (i, j, value) in enumerate(order, start=1):
+            is_branch = j not in first_children[i]
+            branches[i] += is_branch
+            shape[k] = shape[k - 1] + [value, 1, is_branch, 0]
+            shape[k, 3] = max(shape[k - 1, 3], branches[i])
+        step_ms = self.costs.step_ms_each(shape[:, 1], shape[:, 2], shape[:, 3])
+        rates = shape[:, 0] / step_ms
+        best = len(order) if self._warming_up() else int(np.argmax(rates))
+        if order:
+            draft_ms = self.costs.draft_ms(len(requests))
+            gain = float(np.max(shape[1:, 0] / (step_ms[1:] + draft_ms))) / rates[0]
+            self.draft_gain = (self.gain_decay * self.draft_gain
+                               + (1 - self.gain_decay) * gain)
+        for i, j, _ in order[:best]:
+            chosen[i].append(j)
+        return Choice([sorted(c) for c in chosen], float(rates[best]))
+
+    def observe_acceptance(self, request: BudgetRequest, num_verified: int,
+                           path: list[int]) -> None:
+        self.calibration.observe(request.tree, num_verified, path, request.greedy)
+
+    def _value(self, request: BudgetRequest, j: int) -> float:
+        return self.calibration.value(request.tree.probs[j], request.tree.depths[j],
+                                      request.greedy)
+
+    def _unpinned_nodes_by_value(self, requests: list[BudgetRequest]
+                                 ) -> list[tuple[int, int, float]]:
+        """(request, flat node, value) of every unpinned node, best first,
+        each after its parent."""
+        children: list[dict[int, list[int]]] = []
+        heap: list[tuple[float, int, int]] = []
+        for i, r in enumerate(requests):
+            by_parent: dict[int, list[int]] = {}
+            for j, parent in enumerate(r.tree.parents):
+                by_parent.setdefault(parent, []).append(j)
+            children.append(by_parent)
+            if not r.pinned:
+                for j in by_parent.get(-1, []):
+                    heap.append((-self._value(r, j), i, j))
+        heapq.heapify(heap)
+        order = []
+        while heap:
+            negative_value, i, j = heapq.heappop(heap)
+            order.append((i, j, -negative_value))
+            for child in children[i].get(j, []):
+                heapq.heappush(heap, (-self._value(requests[i], child), i, child))
+        return order
+
+
+def _first_children(tree: FlatTree) -> set[int]:
+    """Nodes that continue their parent's run in flat (DFS) order: replay
+    recomputes every other node's branch (`FlatTree.branches`), except the
+    first branch from the root."""
+    return {j for j, parent in enumerate(tree.parents) if j == 0 or parent == j - 1}
