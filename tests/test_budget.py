@@ -16,15 +16,18 @@ TREE = FlatTree(tokens=(10, 11, 12, 13, 20, 21), parents=(-1, 0, 1, 0, -1, 4),
 
 
 def trained_budget(ms_per_token: float, fixed_ms: float, ms_per_branch: float = 0.5,
-                   draft_ms: float = 3.0, steps: int = 200) -> GraphBudget:
+                   ms_per_tree: float = 0.0, draft_ms: float = 3.0,
+                   steps: int = 200) -> GraphBudget:
     """A budget whose cost model has measured hardware where a step costs
-    fixed_ms + ms_per_token * tokens + ms_per_branch * branches."""
+    fixed_ms + ms_per_token * tokens + ms_per_tree * trees
+    + ms_per_branch * branches."""
     budget = GraphBudget(max_depth=3, warmup_steps=0, probe_interval=10**9)
     rng = np.random.default_rng(0)
     for _ in range(steps):
-        shape = StepShape(int(rng.integers(1, 200)), int(rng.integers(0, 20)),
-                          int(rng.integers(0, 5)))
+        shape = StepShape(int(rng.integers(1, 200)), int(rng.integers(0, 16)),
+                          int(rng.integers(0, 20)), int(rng.integers(0, 5)))
         budget.costs.observe_target(shape, fixed_ms + ms_per_token * shape.tokens
+                                    + ms_per_tree * shape.trees
                                     + ms_per_branch * shape.branches)
         budget.costs.observe_draft(int(rng.integers(1, 32)), draft_ms)
     return budget
@@ -88,6 +91,17 @@ def test_batch_size_shrinks_the_tree_on_linear_hardware():
     assert len(alone.kept[0]) >= 3
     assert sum(map(len, batch.kept)) < 16 * len(alone.kept[0])
     assert sum(map(len, batch.kept)) <= 16  # at most about one node each
+
+
+def test_per_request_tree_work_stops_trees_in_a_large_batch():
+    # Tokens are free, but each tree costs 4 ms of its own: one node worth
+    # 0.3 tokens pays beside a 40 ms step for one request, not for sixteen.
+    budget = trained_budget(ms_per_token=0.0, fixed_ms=40.0, ms_per_tree=4.0)
+    one_node = FlatTree((1,), (-1,), (1,), (0.3,))
+    alone = choose(budget, [BudgetRequest(one_node, greedy=True)], base_tokens=1)
+    batch = choose(budget, [BudgetRequest(one_node, greedy=True)] * 16, base_tokens=16)
+    assert alone.kept == [[0]]
+    assert batch.kept == [[]] * 16
 
 
 def test_pinned_requests_keep_their_whole_tree():

@@ -16,9 +16,10 @@ for greedy and sampled requests) with the running ratio
 accepted nodes / sum of p over verified nodes at that depth.
 
 Cost. `StepCostModel` fits the measured time of a step, linear in the
-step's target tokens, its replayed branches and its replay waves (kernel
-calls), by recursive least squares with forgetting, so it follows the
-operating point. The draft's time per step is fitted on the number of
+step's target tokens, its requests verified with a tree (the tree path's
+per-request work: positions, replay planning, the acceptance walk), its
+replayed branches and its replay waves (kernel calls), by recursive least
+squares with forgetting, so it follows the operating point. The draft's time per step is fitted on the number of
 requests drafted, and the time between steps (scheduler, output processing)
 is a running mean.
 
@@ -87,20 +88,21 @@ class StepShape:
 
     tokens: int
     """Target token rows (decode rows, prefill chunk tokens, tree nodes)."""
+    trees: int = 0
+    """Requests verified with a tree."""
     branches: int = 0
     """Off-first branches recomputed by branch replay."""
     waves: int = 0
     """Replay kernel calls per layer (the most branches of one request)."""
 
-    def features(self) -> np.ndarray:
-        return _cost_features(np.array([self.tokens]), np.array([self.branches]),
-                              np.array([self.waves]))[0]
+    def as_array(self) -> np.ndarray:
+        return np.array([self.tokens, self.trees, self.branches, self.waves], dtype=float)
 
 
-def _cost_features(tokens: np.ndarray, branches: np.ndarray,
-                   waves: np.ndarray) -> np.ndarray:
-    """[n, 4]: what a step's time is linear in."""
-    return np.stack([np.ones(len(tokens)), tokens, branches, waves], axis=1)
+def _cost_features(shapes: np.ndarray) -> np.ndarray:
+    """[n, 5] from `StepShape.as_array` rows [n, 4]: what a step's time is
+    linear in (a constant, then the shape)."""
+    return np.concatenate([np.ones((len(shapes), 1)), shapes], axis=1)
 
 
 class StepCostModel:
@@ -111,12 +113,12 @@ class StepCostModel:
 
     def __init__(self, forgetting: float = 0.99):
         # Priors matter only until the first few steps are measured.
-        self.target = RecursiveLeastSquares(4, forgetting, np.zeros(4), 1e4)
+        self.target = RecursiveLeastSquares(5, forgetting, np.zeros(5), 1e4)
         self.draft = RecursiveLeastSquares(2, forgetting, np.zeros(2), 1e4)
         self.gap_ms = 0.0
 
     def observe_target(self, shape: StepShape, ms: float) -> None:
-        self.target.update(shape.features(), ms)
+        self.target.update(_cost_features(shape.as_array()[None])[0], ms)
 
     def observe_draft(self, num_requests: int, ms: float) -> None:
         self.draft.update(np.array([1.0, num_requests]), ms)
@@ -124,10 +126,10 @@ class StepCostModel:
     def observe_gap(self, ms: float) -> None:
         self.gap_ms = self._GAP_DECAY * self.gap_ms + (1 - self._GAP_DECAY) * ms
 
-    def step_ms_each(self, tokens: np.ndarray, branches: np.ndarray,
-                     waves: np.ndarray) -> np.ndarray:
-        """Predicted time of steps of these shapes, arrays [n], gap included."""
-        predicted = _cost_features(tokens, branches, waves) @ self.target.weights
+    def step_ms_each(self, shapes: np.ndarray) -> np.ndarray:
+        """Predicted time of steps of these shapes (`StepShape.as_array`
+        rows [n, 4]), gap included. Returns [n]."""
+        predicted = _cost_features(shapes) @ self.target.weights
         return np.maximum(predicted, 1e-3) + self.gap_ms
 
     def draft_ms(self, num_requests: int) -> float:
@@ -225,22 +227,24 @@ class GraphBudget:
                 branches[i] = len(r.tree) - len(first_children[i])
                 expected += sum(self._value(r, j) for j in chosen[i])
         order = self._unpinned_nodes_by_value(requests)
-        # Step shape and expected tokens after the first k nodes of `order`,
-        # for every k (row k).
-        shape = np.zeros((len(order) + 1, 4))
-        shape[0] = [expected, base_tokens + sum(map(len, chosen)), sum(branches),
-                    max(branches, default=0)]
+        # Row k: the step with the first k nodes of `order` added, as
+        # (expected tokens, tokens, trees, branches, waves).
+        rows = np.zeros((len(order) + 1, 5))
+        has_tree = [bool(c) for c in chosen]
+        rows[0] = [expected, base_tokens + sum(map(len, chosen)), sum(has_tree),
+                   sum(branches), max(branches, default=0)]
         for k, (i, j, value) in enumerate(order, start=1):
             is_branch = j not in first_children[i]
+            rows[k] = rows[k - 1] + [value, 1, not has_tree[i], is_branch, 0]
+            has_tree[i] = True
             branches[i] += is_branch
-            shape[k] = shape[k - 1] + [value, 1, is_branch, 0]
-            shape[k, 3] = max(shape[k - 1, 3], branches[i])
-        step_ms = self.costs.step_ms_each(shape[:, 1], shape[:, 2], shape[:, 3])
-        rates = shape[:, 0] / step_ms
+            rows[k, 4] = max(rows[k - 1, 4], branches[i])
+        step_ms = self.costs.step_ms_each(rows[:, 1:])
+        rates = rows[:, 0] / step_ms
         best = len(order) if self._warming_up() else int(np.argmax(rates))
         if order:
             draft_ms = self.costs.draft_ms(len(requests))
-            gain = float(np.max(shape[1:, 0] / (step_ms[1:] + draft_ms))) / rates[0]
+            gain = float(np.max(rows[1:, 0] / (step_ms[1:] + draft_ms))) / rates[0]
             self.draft_gain = (self.gain_decay * self.draft_gain
                                + (1 - self.gain_decay) * gain)
         for i, j, _ in order[:best]:

@@ -128,8 +128,8 @@ def tree_step_shape(step: TreeStep | None, num_tokens: int) -> StepShape:
     """What the budget's cost model needs to know of a target step."""
     if step is None:
         return StepShape(num_tokens)
-    return StepShape(num_tokens, sum(len(r.off_first_branches) for r in step.requests),
-                     len(step.waves))
+    return StepShape(num_tokens, len(step.requests),
+                     sum(len(r.off_first_branches) for r in step.requests), len(step.waves))
 
 
 def _set_tree_positions(positions: torch.Tensor,
