@@ -178,8 +178,6 @@ class BudgetRequest:
 class Choice:
     kept: list[list[int]]
     """Per request, the flat indices of the nodes to verify (ancestor-closed)."""
-    expected_rate: float
-    """Predicted tokens per millisecond of the choice."""
 
 
 @dataclass
@@ -217,14 +215,14 @@ class GraphBudget:
         requests: the drafted trees. base_tokens: the step's target rows
         without any tree (one per decoding request, plus prefill chunks).
         """
-        first_children = [_first_children(r.tree) for r in requests]
+        run_starts = [r.tree.run_starts() for r in requests]
         chosen: list[list[int]] = [[] for _ in requests]
         branches = [0] * len(requests)
         expected = float(len(requests))
         for i, r in enumerate(requests):
             if r.pinned:
                 chosen[i] = list(range(len(r.tree)))
-                branches[i] = len(r.tree) - len(first_children[i])
+                branches[i] = len(run_starts[i] - {0})
                 expected += sum(self._value(r, j) for j in chosen[i])
         order = self._unpinned_nodes_by_value(requests)
         # Row k: the step with the first k nodes of `order` added, as
@@ -234,7 +232,9 @@ class GraphBudget:
         rows[0] = [expected, base_tokens + sum(map(len, chosen)), sum(has_tree),
                    sum(branches), max(branches, default=0)]
         for k, (i, j, value) in enumerate(order, start=1):
-            is_branch = j not in first_children[i]
+            # Replay recomputes every run but the first (`FlatTree.branches`);
+            # selection keeps a first child right after its parent.
+            is_branch = j != 0 and j in run_starts[i]
             rows[k] = rows[k - 1] + [value, 1, not has_tree[i], is_branch, 0]
             has_tree[i] = True
             branches[i] += is_branch
@@ -249,7 +249,7 @@ class GraphBudget:
                                + (1 - self.gain_decay) * gain)
         for i, j, _ in order[:best]:
             chosen[i].append(j)
-        return Choice([sorted(c) for c in chosen], float(rates[best]))
+        return Choice([sorted(c) for c in chosen])
 
     def observe_acceptance(self, request: BudgetRequest, num_verified: int,
                            path: list[int]) -> None:
@@ -282,9 +282,3 @@ class GraphBudget:
                 heapq.heappush(heap, (-self._value(requests[i], child), i, child))
         return order
 
-
-def _first_children(tree: FlatTree) -> set[int]:
-    """Nodes that continue their parent's run in flat (DFS) order: replay
-    recomputes every other node's branch (`FlatTree.branches`), except the
-    first branch from the root."""
-    return {j for j, parent in enumerate(tree.parents) if j == 0 or parent == j - 1}

@@ -415,15 +415,16 @@ class FlatTree:
             mask[i, i] = True
         return mask
 
+    def run_starts(self) -> set[int]:
+        """Flat nodes that do not continue the previous node (its parent is
+        another node), node 0 included: each starts a run of `branches`."""
+        return {j for j, parent in enumerate(self.parents) if j == 0 or parent != j - 1}
+
     def branches(self) -> list[Branch]:
         """Split the flat order into maximal runs where each node's parent is the previous node."""
-        runs = []
-        for j, parent in enumerate(self.parents):
-            if j == 0 or parent != j - 1:
-                runs.append([j, j])
-            else:
-                runs[-1][1] = j
-        return [Branch(start, end, self._ancestors(start)) for start, end in runs]
+        starts = sorted(self.run_starts())
+        ends = [start - 1 for start in starts[1:]] + [len(self) - 1]
+        return [Branch(start, end, self._ancestors(start)) for start, end in zip(starts, ends)]
 
     def _ancestors(self, node: int) -> tuple[int, ...]:
         ancestors = []
