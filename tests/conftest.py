@@ -66,6 +66,18 @@ def running_llm(target: str, speculative_config: dict | None = None, **kwargs):
         gc.collect()
 
 
+def draft_copy(draft: str, folder: Path, truncate_weights: bool = False) -> str:
+    """`draft`'s folder with every file linked except the weights, which the
+    test writes; `truncate_weights` writes them cut short at 1 MiB."""
+    for file in os.listdir(draft):
+        if not file.endswith(".safetensors"):
+            os.symlink(os.path.join(draft, file), folder / file)
+    if truncate_weights:
+        with open(os.path.join(draft, "model.safetensors"), "rb") as whole:
+            (folder / "model.safetensors").write_bytes(whole.read(1 << 20))
+    return str(folder)
+
+
 def gsd_stats(llm) -> dict:
     from vllm_gsd.metrics import worker_stats
 

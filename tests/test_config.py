@@ -4,12 +4,13 @@ message that names the field and what is allowed."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
 
 import vllm_gsd
-from conftest import REPO
+from conftest import REPO, draft_copy
 from vllm_gsd.config import GSDConfig, GSDConfigError
 
 vllm_gsd.register()
@@ -91,6 +92,36 @@ def test_reduced_draft_vocab_without_token_counts_is_rejected(target):
 def test_draft_of_unsupported_architecture_is_rejected(target, other_architecture_draft):
     with pytest.raises(GSDConfigError, match="Qwen2ForCausalLM.*not supported"):
         engine_config(target, {"method": "gsd", "model": other_architecture_draft})
+
+
+def test_draft_with_truncated_weights_is_rejected(target, weak_draft, tmp_path):
+    draft = draft_copy(weak_draft, tmp_path, truncate_weights=True)
+    with pytest.raises(GSDConfigError, match=r"model.safetensors' cannot be read: .*header"):
+        engine_config(target, {"method": "gsd", "model": draft})
+
+
+def test_draft_whose_weights_disagree_with_its_config_is_rejected(target, weak_draft,
+                                                                  tmp_path):
+    """A missing tensor, or a config.json with another MLP width than the
+    weights (as a half-finished conversion leaves them): the error names the
+    tensor."""
+    from safetensors.torch import load_file, save_file
+
+    draft = draft_copy(weak_draft, tmp_path)
+    weights = load_file(f"{weak_draft}/model.safetensors")
+    del weights["model.layers.11.mlp.down_proj.weight"]
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    with pytest.raises(GSDConfigError,
+                       match=r"do not match its config.json: "
+                             r"layers.11.mlp.down_proj.weight missing$"):
+        engine_config(target, {"method": "gsd", "model": draft})
+    config = json.load(open(f"{weak_draft}/config.json"))
+    os.unlink(tmp_path / "config.json")
+    json.dump({**config, "intermediate_size": 1024}, open(tmp_path / "config.json", "w"))
+    with pytest.raises(GSDConfigError,
+                       match=r"layers.0.mlp.gate_proj.weight has shape \(1536, 576\), "
+                             r"config.json implies \(1024, 576\).*\(and 33 more\)"):
+        engine_config(target, {"method": "gsd", "model": draft})
 
 
 @pytest.mark.parametrize("engine_kwargs, message", [

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import running_llm
+from conftest import draft_copy, running_llm
 from prompts import prompt_token_ids
 
 pytestmark = pytest.mark.slow
@@ -33,19 +33,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_server(target: str, spec: dict, port: int, log_path: Path,
+                 *options: str) -> subprocess.Popen:
+    command = [str(Path(sys.executable).with_name("vllm-gsd")), "serve", target,
+               "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+               "--enforce-eager", "--max-model-len", "1024", "--seed", "0",
+               "--speculative-config", json.dumps(spec), *options]
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    with open(log_path, "w") as log:
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True)
+
+
 @pytest.fixture(scope="module")
 def server(target, tmp_path_factory):
     port = free_port()
     log_path = tmp_path_factory.mktemp("server") / "server.log"
-    spec = {"method": "gsd", "model": target, "max_verify_nodes": 8}
-    command = [str(Path(sys.executable).with_name("vllm-gsd")), "serve", target,
-               "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-               "--enforce-eager", "--max-model-len", "1024", "--seed", "0",
-               "--speculative-config", json.dumps(spec)]
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                   env=env, start_new_session=True)
+    # A KV cache of 40 blocks of 32 tokens: the load test overflows it.
+    process = start_server(target, {"method": "gsd", "model": target, "max_verify_nodes": 8},
+                           port, log_path, "--block-size", "32",
+                           "--num-gpu-blocks-override", "40")
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 300
@@ -58,7 +65,7 @@ def server(target, tmp_path_factory):
             except requests.ConnectionError:
                 pass
             time.sleep(2)
-        yield url, log_path
+        yield url, log_path, process
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         try:
@@ -92,8 +99,26 @@ def complete(url: str, target: str, prompt: str, stream: bool) -> str:
     return text
 
 
+def test_draft_that_cannot_load_stops_the_server_at_start_up(target, weak_draft, tmp_path):
+    """A draft folder whose weights are cut short: the server exits with the
+    reason before it ever listens (no half-started server)."""
+    draft = draft_copy(weak_draft, tmp_path, truncate_weights=True)
+    port = free_port()
+    process = start_server(target, {"method": "gsd", "model": draft}, port,
+                           tmp_path / "server.log")
+    try:
+        assert process.wait(timeout=120) != 0
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    log = (tmp_path / "server.log").read_text()
+    assert "model.safetensors' cannot be read" in log, log[-3000:]
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{port}/health", timeout=2)
+
+
 def test_server_loads_the_gsd_proposer(server):
-    url, log_path = server
+    url, log_path, _ = server
     log = log_path.read_text()
     assert "GSD speculative decoding:" in log
     assert "vllm_gsd.proposer.GSDProposer" in log
@@ -102,13 +127,13 @@ def test_server_loads_the_gsd_proposer(server):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_completions_equal_plain_vllm(server, target, plain_texts, stream):
-    url, _ = server
+    url, _, _ = server
     texts = [complete(url, target, p, stream) for p in PROMPTS]
     assert texts == plain_texts
 
 
 def test_server_metrics_count_verified_tree_nodes(server, target):
-    url, _ = server
+    url, _, _ = server
     complete(url, target, PROMPTS[0], stream=False)
     metrics = requests.get(f"{url}/metrics", timeout=10).text
 
@@ -170,14 +195,23 @@ def scrape(url: str, name: str) -> float:
     return sum(float(line.split()[-1]) for line in lines)
 
 
+def server_rss_mib(process: subprocess.Popen) -> float:
+    """Resident memory of the server's processes (API server, engine core)."""
+    import psutil
+
+    root = psutil.Process(process.pid)
+    return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20
+
+
 def test_concurrent_clients_lose_nothing_and_leave_the_server_idle(
         server, target, load_prompts_and_plain_texts):
-    """44 requests in flight at once: every prompt greedy (streamed and not,
-    1 to ~600 tokens), sampled ones with n=2, and streams their clients
-    close after two chunks. No request fails, every greedy completion
-    equals plain vLLM's, and afterwards nothing runs and the KV cache is
-    empty again."""
-    url, _ = server
+    """44 requests in flight at once, twice over, on a KV cache too small for
+    them (preemptions): every prompt greedy (streamed and not, 1 to ~600
+    tokens), sampled ones with n=2, and streams their clients close after
+    two chunks. No request fails, every greedy completion equals plain
+    vLLM's; afterwards nothing runs, the KV cache is empty again, and the
+    second round leaves the server's memory where the first left it."""
+    url, _, process = server
     prompts, plain = load_prompts_and_plain_texts
     greedy = [{"prompt": p, "max_tokens": LOAD_MAX_TOKENS, "temperature": 0.0,
                "stream": stream, "expect": text}
@@ -188,18 +222,26 @@ def test_concurrent_clients_lose_nothing_and_leave_the_server_idle(
                   "cancel_after": 2} for p in prompts[7:13]]
     jobs = greedy + sampled + cancelled
     assert len(jobs) >= 32
-    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
-        results = list(pool.map(lambda job: load_request(url, target, job), jobs))
-
-    for job, result in zip(jobs, results):
-        if "expect" in job:
-            assert result["texts"] == [job["expect"]]
-        elif "cancel_after" in job:
-            assert result == {"cancelled": True}
-        else:
-            assert len(result["texts"]) == 2 and all(result["texts"])
-    deadline = time.time() + 60
-    while (scrape(url, "vllm:num_requests_running") or scrape(url, "vllm:num_requests_waiting")
-           or scrape(url, "vllm:kv_cache_usage_perc")):
-        assert time.time() < deadline, "the server did not return to idle in 60 s"
-        time.sleep(1)
+    rss_after_round = []
+    for _ in range(2):
+        with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+            results = list(pool.map(lambda job: load_request(url, target, job), jobs))
+        for job, result in zip(jobs, results):
+            if "expect" in job:
+                assert result["texts"] == [job["expect"]]
+            elif "cancel_after" in job:
+                assert result == {"cancelled": True}
+            else:
+                assert len(result["texts"]) == 2 and all(result["texts"])
+        deadline = time.time() + 60
+        while (scrape(url, "vllm:num_requests_running")
+               or scrape(url, "vllm:num_requests_waiting")
+               or scrape(url, "vllm:kv_cache_usage_perc")):
+            assert time.time() < deadline, "the server did not return to idle in 60 s"
+            time.sleep(1)
+        rss_after_round.append(server_rss_mib(process))
+    print(f"server RSS after each round: {rss_after_round} MiB")
+    assert scrape(url, "vllm:num_preemptions_total") > 0
+    # Allocator noise between rounds was up to 65 MiB here; a leak of one
+    # step's tree logits (nodes x 49152 floats) would add GiBs per round.
+    assert rss_after_round[1] < rss_after_round[0] + 256

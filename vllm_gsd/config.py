@@ -139,8 +139,10 @@ class GSDConfig:
                 f"{list(BUDGETS)}.")
 
     def check_draft_model(self, target_vocab_size: int) -> None:
-        """Checks the draft folder exists and shares the target's vocabulary."""
-        from vllm_gsd.draft_model import frequent_token_ids, read_draft_config
+        """Checks the draft folder exists, holds the weights its config.json
+        describes, and shares the target's vocabulary."""
+        from vllm_gsd.draft_model import (check_draft_weights, frequent_token_ids,
+                                          read_draft_config)
 
         try:
             draft_hf_config = read_draft_config(self.model)
@@ -155,6 +157,10 @@ class GSDConfig:
                 f"differs from the target's ({target_vocab_size}); GSD verifies "
                 "draft token ids directly, so both must share one tokenizer."
             )
+        try:
+            check_draft_weights(self.model, draft_hf_config)
+        except ValueError as e:
+            raise GSDConfigError(f"speculative_config.model: {e}") from e
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

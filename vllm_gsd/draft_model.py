@@ -18,6 +18,7 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 TOKEN_COUNTS_FILE = "gsd_token_counts.npy"
@@ -48,6 +49,64 @@ def read_draft_config(path: str) -> dict:
                          "is not supported by the GSD draft runner.")
     cfg["rope_theta"] = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
     return cfg
+
+
+def weight_files(path: str) -> list[str]:
+    return [os.path.join(path, name) for name in sorted(os.listdir(path))
+            if name.endswith(".safetensors")]
+
+
+def expected_weight_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    """Shape of every tensor the draft's forward pass reads, by its name in
+    the folder without "model."; lm_head.weight is absent when tied."""
+    hidden, inter, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    num_heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or hidden // num_heads
+    q_rows = num_heads * head_dim
+    kv_rows = cfg.get("num_key_value_heads", num_heads) * head_dim
+    shapes = {"embed_tokens.weight": (vocab, hidden), "norm.weight": (hidden,)}
+    if not cfg.get("tie_word_embeddings", False):
+        shapes["lm_head.weight"] = (vocab, hidden)
+    for layer in range(cfg["num_hidden_layers"]):
+        p = f"layers.{layer}."
+        shapes |= {p + "input_layernorm.weight": (hidden,),
+                   p + "post_attention_layernorm.weight": (hidden,),
+                   p + "self_attn.q_proj.weight": (q_rows, hidden),
+                   p + "self_attn.k_proj.weight": (kv_rows, hidden),
+                   p + "self_attn.v_proj.weight": (kv_rows, hidden),
+                   p + "self_attn.o_proj.weight": (hidden, q_rows),
+                   p + "mlp.gate_proj.weight": (inter, hidden),
+                   p + "mlp.up_proj.weight": (inter, hidden),
+                   p + "mlp.down_proj.weight": (hidden, inter)}
+    return shapes
+
+
+def check_draft_weights(path: str, cfg: dict) -> None:
+    """Reads the safetensors headers only (no tensor data): every tensor the
+    draft needs must be there with the shape config.json implies, so a
+    broken folder is refused at start-up with its reason instead of failing
+    in the middle of serving. Raises ValueError."""
+    files = weight_files(path)
+    if not files:
+        raise ValueError(f"draft folder {path!r} has no .safetensors weights.")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        try:
+            with safe_open(file, "pt") as f:
+                shapes |= {name.removeprefix("model."): tuple(f.get_slice(name).get_shape())
+                           for name in f.keys()}
+        except (OSError, SafetensorError) as error:
+            raise ValueError(f"draft weights {file!r} cannot be read: {error}") from error
+    expected = expected_weight_shapes(cfg)
+    if "lm_head.weight" in expected and "lm_head.weight" not in shapes:
+        del expected["lm_head.weight"]  # untied configs may still share the embedding
+    problems = [f"{name} missing" if name not in shapes else
+                f"{name} has shape {shapes[name]}, config.json implies {shape}"
+                for name, shape in expected.items() if shapes.get(name) != shape]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ValueError(f"draft weights in {path!r} do not match its config.json: "
+                         + "; ".join(problems[:3]) + more)
 
 
 def frequent_token_ids(path: str, num_tokens: int) -> torch.Tensor:
@@ -91,7 +150,8 @@ class TreeDraftModel:
         self.eps = cfg.get("rms_norm_eps", 1e-6)
         self.vocab_size = cfg["vocab_size"]
         self.dtype, self.device = dtype, device
-        self.weights = self._load_weights(path, cfg.get("tie_word_embeddings", False))
+        check_draft_weights(path, cfg)
+        self.weights = self._load_weights(path, cfg)
         self.head_token_ids: torch.Tensor | None = None
         """Token id of each logit column; None when the head is the full vocab."""
         if head_vocab:
@@ -116,14 +176,17 @@ class TreeDraftModel:
     def sink_index(self) -> int:
         return self.max_len
 
-    def _load_weights(self, path: str, tied: bool) -> dict[str, torch.Tensor]:
+    def _load_weights(self, path: str, cfg: dict) -> dict[str, torch.Tensor]:
         weights: dict[str, torch.Tensor] = {}
-        for name in sorted(os.listdir(path)):
-            if name.endswith(".safetensors"):
-                weights.update(load_file(os.path.join(path, name)))
+        for file in weight_files(path):
+            try:
+                weights.update(load_file(file))
+            except (OSError, SafetensorError) as error:
+                raise ValueError(f"draft weights {file!r} cannot be read: {error}") from error
         weights = {k.removeprefix("model."): v.to(self.device, self.dtype)
                    for k, v in weights.items()}
-        if tied or "lm_head.weight" not in weights:
+        tied = cfg.get("tie_word_embeddings", False) or "lm_head.weight" not in weights
+        if tied:
             weights["lm_head.weight"] = weights["embed_tokens.weight"]
         # One matmul for q, k, v and one for gate, up: fewer, larger GEMMs.
         for layer in range(self.num_layers):
