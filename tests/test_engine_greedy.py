@@ -8,6 +8,9 @@ was really taken (drafts verified, off-first-branch acceptances, ...).
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 
 from conftest import gsd_stats, running_llm
@@ -16,13 +19,21 @@ from prompts import near_max_len_prompt, prompt_token_ids
 pytestmark = pytest.mark.slow
 
 MAX_MODEL_LEN = 1024
+ANSWER_REGEX = r"(yes|no), because [a-z ]{5,30}\."
 
 
 def scenarios(tokenizer) -> dict[str, list[tuple[list[list[int]], dict]]]:
     """name -> generate() calls, each (prompts, SamplingParams kwargs)."""
+    from vllm.sampling_params import StructuredOutputsParams
+
     prompts = prompt_token_ids(tokenizer)
     comma = tokenizer.encode(",")[0]
+    json_schema = {"type": "object", "properties": {"name": {"type": "string"},
+                                                    "age": {"type": "integer"}},
+                   "required": ["name", "age"]}
     greedy = dict(temperature=0.0, max_tokens=40)
+    sampled = dict(temperature=1.0, max_tokens=40)
+    the = tokenizer.encode(" the")[0]
     return {
         "batch16": [(prompts, greedy)],
         "batch4": [(prompts[i:i + 4], greedy) for i in range(0, 16, 4)],
@@ -30,14 +41,26 @@ def scenarios(tokenizer) -> dict[str, list[tuple[list[list[int]], dict]]]:
         "stop_strings": [(prompts[1:9], {**greedy, "stop": [".", "\n\n", " and"]})],
         "stop_token_ids": [(prompts[1:9], {**greedy, "stop_token_ids": [comma]})],
         "max_tokens": [(prompts[:8], {**greedy, "max_tokens": 7}),
-                       (prompts[:8], {**greedy, "max_tokens": 13})],
-        "logprobs": [(prompts[1:9], {**greedy, "logprobs": 3})],
+                       (prompts[:8], {**greedy, "max_tokens": 13, "ignore_eos": True})],
+        "logprobs": [(prompts[1:9], {**greedy, "logprobs": 3, "prompt_logprobs": 2})],
         # Tree requests batched with requests that must decode without drafts.
-        "mixed_options": [(prompts[1:9], [
+        "mixed_options": [(prompts[1:13], [
             greedy, {**greedy, "repetition_penalty": 1.3}, greedy,
             {**greedy, "min_tokens": 30, "stop": ["."]}, greedy,
             {**greedy, "allowed_token_ids": list(range(30000))},
-            {**greedy, "bad_words": [" the"]}, {**greedy, "presence_penalty": 0.8}])],
+            {**greedy, "bad_words": [" the"]}, {**greedy, "presence_penalty": 0.8},
+            {**greedy, "frequency_penalty": 0.5},
+            {**greedy, "structured_outputs": StructuredOutputsParams(json=json_schema)},
+            greedy,
+            {**greedy, "structured_outputs": StructuredOutputsParams(regex=ANSWER_REGEX)}])],
+        # Options vLLM refuses under its own speculative decoding: greedy
+        # min_p keeps its tree, the others decode without drafts, seeded
+        # sampled ones with the same random numbers as plain decoding.
+        "min_p_and_logit_bias": [(prompts[1:7], [
+            {**greedy, "logit_bias": {the: 6.0}}, {**greedy, "min_p": 0.2},
+            {**sampled, "min_p": 0.1, "seed": 7},
+            {**sampled, "logit_bias": {the: 3.0, comma: -2.0}, "seed": 8},
+            greedy, {**sampled, "min_p": 0.05, "logit_bias": {comma: 4.0}, "seed": 9}])],
         "near_max_model_len": [
             ([near_max_len_prompt(tokenizer, MAX_MODEL_LEN, room)], greedy)
             for room in (3, 9, 20)],
@@ -55,20 +78,21 @@ def run(llm, calls) -> list[tuple]:
         outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
                                sampling, use_tqdm=False)
         results += [(tuple(o.outputs[0].token_ids), o.outputs[0].text,
-                     o.outputs[0].finish_reason, rounded_logprobs(o.outputs[0]))
+                     o.outputs[0].finish_reason, rounded_logprobs(o.outputs[0].logprobs),
+                     rounded_logprobs(o.prompt_logprobs))
                     for o in outputs]
     return results
 
 
-def rounded_logprobs(completion) -> tuple | None:
-    """Top logprobs per generated token, to 1e-4: the target computes tree
-    rows in other batch shapes than plain decoding, so float32 sums may
-    differ in the last bits; which tokens and their ranks may not."""
-    if completion.logprobs is None:
+def rounded_logprobs(positions) -> tuple | None:
+    """Top logprobs per token, to 1e-4: the target computes tree rows in
+    other batch shapes than plain decoding, so float32 sums may differ in
+    the last bits; which tokens and their ranks may not."""
+    if positions is None:
         return None
-    return tuple(tuple(sorted((token, round(lp.logprob, 4))
-                              for token, lp in position.items()))
-                 for position in completion.logprobs)
+    return tuple(None if position is None else
+                 tuple(sorted((token, round(lp.logprob, 4)) for token, lp in position.items()))
+                 for position in positions)
 
 
 def run_all(llm, names=None) -> dict[str, list[tuple]]:
@@ -89,19 +113,6 @@ def assert_same(gsd_outputs: dict, plain_outputs: dict) -> None:
             assert got == want, f"scenario {name}, output {i}: GSD {got} != plain {want}"
 
 
-def rejected_then_still_serving(llm) -> None:
-    """vLLM refuses min_p and logit_bias under speculative decoding: a clear
-    per-request error, after which the engine keeps serving."""
-    from vllm import SamplingParams
-    from vllm.exceptions import VLLMValidationError
-
-    for option in ({"min_p": 0.1}, {"logit_bias": {28: 5.0}}):
-        with pytest.raises(VLLMValidationError, match="not yet supported with speculative"):
-            llm.generate(["Hello"], SamplingParams(max_tokens=4, **option), use_tqdm=False)
-    assert len(llm.generate(["Hello"], SamplingParams(max_tokens=4),
-                            use_tqdm=False)[0].outputs[0].token_ids) == 4
-
-
 def test_self_draft_matches_plain_in_every_scenario(target, plain):
     """The target as its own draft: near-maximal acceptance, so stops and
     max_tokens land inside accepted paths."""
@@ -110,8 +121,13 @@ def test_self_draft_matches_plain_in_every_scenario(target, plain):
                      max_model_len=MAX_MODEL_LEN) as llm:
         outputs = run_all(llm)
         stats = gsd_stats(llm)
-        rejected_then_still_serving(llm)
     assert_same(outputs, plain)
+    # The structured requests (decoded without drafts) obeyed their grammars.
+    json_text, _, regex_text = (output[1] for output in outputs["mixed_options"][9:12])
+    assert json.loads(json_text).keys() == {"name", "age"}
+    assert re.fullmatch(ANSWER_REGEX, regex_text)
+    # logit_bias took effect (same prompt, greedy, without it).
+    assert outputs["min_p_and_logit_bias"][0][0] != outputs["mixed_options"][0][0]
     mean_accepted = stats["accepted_tokens"] / stats["verify_steps"]
     print(f"self-draft: {mean_accepted:.2f} draft tokens accepted per step", stats)
     assert mean_accepted > 2.5

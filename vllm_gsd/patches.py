@@ -24,6 +24,11 @@ The patch points follow research/vllm_internals.md §7.2 (vLLM 0.32 V1 runner):
      (the one open str -> int field that survives vLLM's typed msgspec
      decoding); StatLoggerManager.record takes them out before vLLM's loggers
      read that dict and adds them to `vllm:gsd_*` counters.
+  P8 min_p and logit_bias under GSD: vLLM refuses them under any speculative
+     decoding (SamplingParams._validate_spec_decode) and leaves their logits
+     processors out of the batch (build_logitsprocs). GSD decodes such a
+     request without drafts, where vLLM's own sampler applies both exactly,
+     so the refusal is lifted and the processors are built.
 """
 
 from __future__ import annotations
@@ -79,6 +84,7 @@ def apply_all() -> None:
     _patch_model_runner()
     _patch_attention()
     _patch_stats_transport()
+    _patch_plain_only_sampling_options()
 
 
 # P1 ---------------------------------------------------------------------
@@ -350,3 +356,40 @@ def _patch_stats_transport() -> None:
     _wrap(StatLoggerManager, "record",
           ("self", "scheduler_stats", "iteration_stats", "mm_cache_stats", "engine_idx"),
           make_record)
+
+
+# P8 ---------------------------------------------------------------------
+
+def _is_gsd(speculative_config: Any) -> bool:
+    return getattr(speculative_config, "gsd", None) is not None
+
+
+def _patch_plain_only_sampling_options() -> None:
+    from vllm import SamplingParams
+    from vllm.v1.sample import logits_processor
+    from vllm.v1.worker import gpu_model_runner
+
+    def make_validate(original: Callable[..., Any]) -> Callable[..., Any]:
+        def _validate_spec_decode(self: Any, speculative_config: Any) -> None:
+            if not _is_gsd(speculative_config):
+                original(self, speculative_config)
+        return _validate_spec_decode
+
+    def make_build(original: Callable[..., Any]) -> Callable[..., Any]:
+        def build_logitsprocs(vllm_config: Any, device: Any, is_pin_memory: bool,
+                              is_pooling_model: bool, custom_logitsprocs: Any = ()) -> Any:
+            if (not _is_gsd(vllm_config.speculative_config) or is_pooling_model
+                    or custom_logitsprocs):
+                # vLLM's rules, including its refusal of custom processors.
+                return original(vllm_config, device, is_pin_memory, is_pooling_model,
+                                custom_logitsprocs)
+            return logits_processor.LogitsProcessors(
+                processor(vllm_config, device, is_pin_memory)
+                for processor in logits_processor.BUILTIN_LOGITS_PROCESSORS)
+        return build_logitsprocs
+
+    _wrap(SamplingParams, "_validate_spec_decode", ("self", "speculative_config"),
+          make_validate)
+    _wrap(gpu_model_runner, "build_logitsprocs",
+          ("vllm_config", "device", "is_pin_memory", "is_pooling_model",
+           "custom_logitsprocs"), make_build)

@@ -88,10 +88,15 @@ def plain_decoding_reason(params: SamplingParams) -> str | None:
 
     These options make the target's distribution at a node depend on the
     chain of tokens before it in ways vLLM's spec-decode path computes for a
-    chain only; with no drafts the request takes vLLM's plain sampler, which
-    applies them exactly. (min_p and logit_bias never get here: vLLM rejects
-    them under speculative decoding.)
+    chain only, or (min_p, logit_bias) vLLM's spec-decode path does not
+    apply at all; with no drafts the request takes vLLM's plain sampler,
+    which applies them exactly (patches.py P8 builds their processors).
     """
+    if params.logit_bias:
+        return "logit_bias"
+    # min_p never changes the argmax: greedy requests keep their trees.
+    if params.min_p and params.temperature >= _SAMPLING_EPS:
+        return "min_p"
     if params.structured_outputs is not None:
         return "structured output"
     if (params.presence_penalty or params.frequency_penalty
