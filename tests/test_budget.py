@@ -34,7 +34,7 @@ def trained_budget(ms_per_token: float, fixed_ms: float, ms_per_branch: float = 
 
 
 def choose(budget: GraphBudget, requests: list[BudgetRequest], base_tokens: int):
-    budget.next_step()
+    budget.next_step(len(requests))
     return budget.choose(requests, base_tokens)
 
 
@@ -70,7 +70,7 @@ def test_expensive_tokens_verify_nothing_and_soon_stop_drafting():
     choice = choose(budget, [BudgetRequest(TREE, greedy=True)], base_tokens=1)
     assert choice.kept == [[]]
     assert budget.draft_gain < 1.0
-    assert not budget.next_step()
+    assert not budget.next_step(1)
 
 
 def test_middle_cost_keeps_the_most_valuable_nodes_each_after_its_parent():
@@ -113,18 +113,36 @@ def test_pinned_requests_keep_their_whole_tree():
     assert choice.kept == [list(range(len(TREE)))]
 
 
-def test_warmup_verifies_full_trees_then_only_probes_draft():
+def test_warmup_verifies_full_trees_then_probes_ever_more_rarely():
     budget = GraphBudget(max_depth=3, warmup_steps=2, probe_interval=5)
     budget.costs = trained_budget(ms_per_token=40.0, fixed_ms=0.0).costs
     full = [list(range(len(TREE)))]
-    decisions = []
-    for _ in range(10):
-        drafted = budget.next_step()
-        kept = budget.choose([BudgetRequest(TREE, greedy=True)], base_tokens=1).kept
-        decisions.append((drafted, kept == full))
-    assert decisions[:2] == [(True, True)] * 2  # warm-up
-    assert [d for d, _ in decisions[2:]] == [False, False, True, False, False,
-                                             False, False, True]  # probes: 5, 10
+    drafted_steps = []
+    for step in range(1, 150):
+        if budget.next_step(1):
+            drafted_steps.append(step)
+            kept = budget.choose([BudgetRequest(TREE, greedy=True)], base_tokens=1).kept
+            assert (kept == full) == (step <= 2)  # warm-up: full trees
+    # Step 3 measures the gain (warm-up steps, with an untrained cost model,
+    # do not count); each probe that finds drafting still not paying
+    # doubles the interval, up to 64.
+    assert drafted_steps == [1, 2, 3, 8, 18, 38, 78, 142]
+
+
+def test_each_batch_size_keeps_its_own_gain():
+    # Tokens are free, each tree costs 4 ms: drafting pays for one request,
+    # not for sixteen. Running at 16 does not stop drafting at 1, and back
+    # at 16 the budget does not start drafting again.
+    budget = trained_budget(ms_per_token=0.0, fixed_ms=40.0, ms_per_tree=4.0)
+    big = [BudgetRequest(FlatTree((1,), (-1,), (1,), (0.3,)), greedy=True)] * 16
+    for _ in range(20):
+        choose(budget, big, base_tokens=16)
+    assert budget.draft_gain < 1.0 and not budget.next_step(16)
+    assert budget.next_step(1)
+    for _ in range(5):
+        choose(budget, [BudgetRequest(TREE, greedy=True)], base_tokens=1)
+        assert budget.draft_gain > 1.0
+    assert budget.next_step(1) and not budget.next_step(16)
 
 
 def test_one_poor_step_does_not_stop_drafting():
@@ -133,7 +151,7 @@ def test_one_poor_step_does_not_stop_drafting():
     for _ in range(5):
         choose(budget, [BudgetRequest(TREE, greedy=True)], base_tokens=1)
     choose(budget, [BudgetRequest(unsure, greedy=True)], base_tokens=1)
-    assert budget.next_step()
+    assert budget.next_step(1)
 
 
 def test_calibration_learns_the_acceptance_per_depth():

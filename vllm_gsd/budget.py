@@ -30,9 +30,13 @@ prefix length k the predicted rate is
 and the best k wins, k = 0 (no tree at all) included. The best rate with the
 draft's time added, over plain decoding's rate, is averaged over recent
 steps (one step's tree says little about the next one's); while that gain
-is below 1 the steps do not draft at all, except every `probe_interval`-th,
-which keeps the estimate current. The first `warmup_steps` verify full
-trees, so the cost model sees steps of many sizes before it decides.
+is below 1 the steps do not draft at all, except a probe every
+`probe_interval` steps, which keeps the estimate current; each probe that
+finds drafting still not paying doubles the interval (up to
+MAX_PROBE_INTERVAL). The gain and the probe interval are kept per batch size
+(power-of-two buckets of decoding requests), since a larger batch leaves
+less spare compute for trees. The first `warmup_steps` verify full trees,
+so the cost model sees steps of many sizes before it decides.
 
 Greedy output never depends on the budget (verification is exact). For
 sampled requests the budget changes which random numbers land on which
@@ -180,6 +184,23 @@ class Choice:
     """Per request, the flat indices of the nodes to verify (ancestor-closed)."""
 
 
+MAX_PROBE_INTERVAL = 64
+"""Longest run of undrafted steps: a probe's draft catch-up then stays one
+batched pass (the proposer batches catch-ups of up to twice this length)."""
+
+
+@dataclass
+class _BatchSizeState:
+    """Whether drafting pays at one batch size (a power-of-two bucket of
+    decoding requests): its running gain, and how often to re-check it."""
+
+    probe_interval: int
+    gain: float | None = None
+    """Running mean of (best rate with drafting) / (plain decoding's rate);
+    None until a step at this batch size has drafted."""
+    steps_since_draft: int = 0
+
+
 @dataclass
 class GraphBudget:
     """Per-step choice of the nodes to verify; see the module docstring."""
@@ -188,26 +209,57 @@ class GraphBudget:
     warmup_steps: int = 16
     """Steps measured with full trees before the budget chooses."""
     probe_interval: int = 16
-    """While drafting does not pay, every this many steps drafts anyway."""
+    """While drafting does not pay, every this many steps drafts anyway; each
+    probe that confirms it doubles the interval, up to MAX_PROBE_INTERVAL."""
     gain_decay: float = 0.9
     """Weight of the past in the running gain of drafting."""
     costs: StepCostModel = field(default_factory=StepCostModel)
     calibration: AcceptanceCalibration = field(init=False)
-    draft_gain: float = 1.0
-    """Running mean of (best rate with drafting) / (plain decoding's rate)."""
+    _by_batch_size: dict[int, _BatchSizeState] = field(default_factory=dict)
+    _current: _BatchSizeState | None = None
     _steps: int = 0
 
     def __post_init__(self) -> None:
         self.calibration = AcceptanceCalibration(self.max_depth)
 
-    def next_step(self) -> bool:
-        """Starts a draft step; returns whether unpinned requests are drafted."""
+    @property
+    def draft_gain(self) -> float | None:
+        """The running gain at the current step's batch size."""
+        return self._current.gain if self._current is not None else None
+
+    def next_step(self, num_requests: int) -> bool:
+        """Starts a draft step of `num_requests` decoding requests; returns
+        whether unpinned requests are drafted."""
         self._steps += 1
-        return (self.draft_gain > 1.0 or self._warming_up()
-                or self._steps % self.probe_interval == 0)
+        # The gain of drafting falls as the batch grows (less spare compute):
+        # each batch size keeps its own, so a change of load starts afresh.
+        state = self._by_batch_size.setdefault(
+            num_requests.bit_length(), _BatchSizeState(self.probe_interval))
+        self._current = state
+        state.steps_since_draft += 1
+        drafts = (self._warming_up() or state.gain is None or state.gain > 1.0
+                  or state.steps_since_draft >= state.probe_interval)
+        if drafts:
+            state.steps_since_draft = 0
+        return drafts
 
     def _warming_up(self) -> bool:
         return self._steps <= self.warmup_steps
+
+    def _record_gain(self, gain: float) -> None:
+        state = self._current
+        assert state is not None, "choose() before next_step()"
+        if self._warming_up():
+            return  # the cost model has not seen enough steps to predict yet
+        if state.gain is None:
+            state.gain = gain
+            return
+        was_paying = state.gain > 1.0
+        state.gain = self.gain_decay * state.gain + (1 - self.gain_decay) * gain
+        if state.gain > 1.0:
+            state.probe_interval = self.probe_interval
+        elif not was_paying:
+            state.probe_interval = min(2 * state.probe_interval, MAX_PROBE_INTERVAL)
 
     def choose(self, requests: list[BudgetRequest], base_tokens: int) -> Choice:
         """The nodes to verify this step.
@@ -244,9 +296,8 @@ class GraphBudget:
         best = len(order) if self._warming_up() else int(np.argmax(rates))
         if order:
             draft_ms = self.costs.draft_ms(len(requests))
-            gain = float(np.max(rows[1:, 0] / (step_ms[1:] + draft_ms))) / rates[0]
-            self.draft_gain = (self.gain_decay * self.draft_gain
-                               + (1 - self.gain_decay) * gain)
+            self._record_gain(
+                float(np.max(rows[1:, 0] / (step_ms[1:] + draft_ms))) / rates[0])
         for i, j, _ in order[:best]:
             chosen[i].append(j)
         return Choice([sorted(c) for c in chosen])

@@ -31,7 +31,8 @@ import torch
 
 from vllm.logger import init_logger
 
-from vllm_gsd.budget import BudgetRequest, GraphBudget, StepCostModel, StepShape
+from vllm_gsd.budget import (MAX_PROBE_INTERVAL, BudgetRequest, GraphBudget, StepCostModel,
+                             StepShape)
 from vllm_gsd.config import GSDConfig
 from vllm_gsd.draft_model import TreeDraftModel
 from vllm_gsd.graph import ROOT, FlatTree, TokenGraph
@@ -46,8 +47,9 @@ logger = init_logger(f"vllm.{__name__}")
 
 # Catch-ups longer than this (a new prompt) run alone instead of padding the
 # whole batch to their length; shorter ones include the tokens of steps the
-# budget left undrafted (at most its probe interval).
-_BATCHED_CATCH_UP_LEN = 64
+# budget left undrafted (one per step, up to its longest probe interval)
+# after the tokens the last drafted step accepted.
+_BATCHED_CATCH_UP_LEN = 2 * MAX_PROBE_INTERVAL
 # vLLM's threshold for "temperature means greedy" (vllm/v1/sample/sampler.py).
 _SAMPLING_EPS = 1e-5
 
@@ -156,14 +158,14 @@ class GSDProposer:
         # verified later as a chain of its drafts (still exact).
         self.trees = {}
         self._verifying = {}
-        draft_unpinned = self.budget is None or self.budget.next_step()
+        # Rows without a sampled token are prefill chunks or discarded.
+        num_decoding = sum(1 for sampled in sampled_token_ids if sampled)
+        draft_unpinned = self.budget is None or self.budget.next_step(num_decoding)
         req_ids = self.runner.input_batch.req_ids
         drafting = []
-        num_decoding = 0
         for row, sampled in enumerate(sampled_token_ids):
-            if not sampled:  # a prefill chunk or a discarded row
+            if not sampled:
                 continue
-            num_decoding += 1
             req_id = req_ids[row]
             params = self._tree_sampling_params(req_id)
             if params is None:

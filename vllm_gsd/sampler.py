@@ -41,6 +41,11 @@ class GSDRejectionSampler(RejectionSampler):
 
     def forward(self, metadata: Any, draft_probs: torch.Tensor | None,
                 logits: torch.Tensor, sampling_metadata: Any) -> SamplerOutput:
+        if not any(metadata.num_draft_tokens):
+            # vLLM takes this path on every step once speculation is on, also
+            # when no request has drafts (the budget drafted none): sample as
+            # plain decoding does, without the tree walk's per-request work.
+            return self.sampler(logits=logits, sampling_metadata=sampling_metadata)
         bonus = self.sampler(
             logits=logits[metadata.bonus_logits_indices],
             sampling_metadata=replace(sampling_metadata, max_num_logprobs=-1),
