@@ -53,6 +53,10 @@ def scenarios(tokenizer) -> dict[str, list[tuple[list[list[int]], dict]]]:
             {**greedy, "structured_outputs": StructuredOutputsParams(json=json_schema)},
             greedy,
             {**greedy, "structured_outputs": StructuredOutputsParams(regex=ANSWER_REGEX)}])],
+        # No request of the batch has drafts: steps sample without the tree
+        # walk (GSDRejectionSampler's plain path), logprobs included.
+        "no_drafts_in_the_batch": [(prompts[1:5], {**greedy, "repetition_penalty": 1.2,
+                                                   "logprobs": 2})],
         # Options vLLM refuses under its own speculative decoding: greedy
         # min_p keeps its tree, the others decode without drafts, seeded
         # sampled ones with the same random numbers as plain decoding.

@@ -147,6 +147,13 @@ class GSDProposer:
         logger.info("GSD draft model %s loaded: %d layers, KV cache for %d "
                     "requests of %d tokens", self.config.model,
                     self.draft.num_layers, self.num_slots, max_len)
+        if self.num_slots < self.max_num_seqs:
+            logger.warning(
+                "GSD: the draft's KV cache (draft_cache_gib=%s) holds %d requests "
+                "of max_model_len, fewer than max_num_seqs=%d; requests beyond "
+                "it are decoded without a tree. Raise draft_cache_gib or lower "
+                "max_model_len to draft for all.", self.config.draft_cache_gib,
+                self.num_slots, self.max_num_seqs)
 
     def propose(self, sampled_token_ids: list[list[int]],
                 num_tokens_no_spec: np.ndarray, token_ids_cpu: np.ndarray,
