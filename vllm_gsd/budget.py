@@ -197,7 +197,7 @@ class _BatchSizeState:
     probe_interval: int
     gain: float | None = None
     """Running mean of (best rate with drafting) / (plain decoding's rate);
-    None until a step at this batch size has drafted."""
+    None until a step at this batch size has drafted after the warm-up."""
     steps_since_draft: int = 0
 
 
