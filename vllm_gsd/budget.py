@@ -19,9 +19,9 @@ Cost. `StepCostModel` fits the measured time of a step, linear in the
 step's target tokens, its requests verified with a tree (the tree path's
 per-request work: positions, replay planning, the acceptance walk), its
 replayed branches and its replay waves (kernel calls), by recursive least
-squares with forgetting, so it follows the operating point. The draft's time per step is fitted on the number of
-requests drafted, and the time between steps (scheduler, output processing)
-is a running mean.
+squares with forgetting, so it follows the operating point. The draft's
+time per step is fitted on the number of requests drafted, and the time
+between steps (scheduler, output processing) is a running mean.
 
 Choice. Nodes enter in order of calibrated value, a node only after its
 parent (so every prefix of the order is a valid set of trees); for every

@@ -56,16 +56,26 @@ def weight_files(path: str) -> list[str]:
             if name.endswith(".safetensors")]
 
 
-def expected_weight_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+def _embedding_is_lm_head(cfg: dict, names) -> bool:
+    """Whether the draft's LM head is its input embedding: tied in
+    config.json, or no lm_head.weight among the folder's tensor `names`."""
+    return cfg.get("tie_word_embeddings", False) or "lm_head.weight" not in names
+
+
+def _unreadable(file: str, error: Exception) -> ValueError:
+    return ValueError(f"draft weights {file!r} cannot be read: {error}")
+
+
+def expected_weight_shapes(cfg: dict, with_lm_head: bool) -> dict[str, tuple[int, ...]]:
     """Shape of every tensor the draft's forward pass reads, by its name in
-    the folder without "model."; lm_head.weight is absent when tied."""
+    the folder without "model."."""
     hidden, inter, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     num_heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or hidden // num_heads
     q_rows = num_heads * head_dim
     kv_rows = cfg.get("num_key_value_heads", num_heads) * head_dim
     shapes = {"embed_tokens.weight": (vocab, hidden), "norm.weight": (hidden,)}
-    if not cfg.get("tie_word_embeddings", False):
+    if with_lm_head:
         shapes["lm_head.weight"] = (vocab, hidden)
     for layer in range(cfg["num_hidden_layers"]):
         p = f"layers.{layer}."
@@ -96,10 +106,8 @@ def check_draft_weights(path: str, cfg: dict) -> None:
                 shapes |= {name.removeprefix("model."): tuple(f.get_slice(name).get_shape())
                            for name in f.keys()}
         except (OSError, SafetensorError) as error:
-            raise ValueError(f"draft weights {file!r} cannot be read: {error}") from error
-    expected = expected_weight_shapes(cfg)
-    if "lm_head.weight" in expected and "lm_head.weight" not in shapes:
-        del expected["lm_head.weight"]  # untied configs may still share the embedding
+            raise _unreadable(file, error) from error
+    expected = expected_weight_shapes(cfg, not _embedding_is_lm_head(cfg, shapes))
     problems = [f"{name} missing" if name not in shapes else
                 f"{name} has shape {shapes[name]}, config.json implies {shape}"
                 for name, shape in expected.items() if shapes.get(name) != shape]
@@ -182,11 +190,10 @@ class TreeDraftModel:
             try:
                 weights.update(load_file(file))
             except (OSError, SafetensorError) as error:
-                raise ValueError(f"draft weights {file!r} cannot be read: {error}") from error
+                raise _unreadable(file, error) from error
         weights = {k.removeprefix("model."): v.to(self.device, self.dtype)
                    for k, v in weights.items()}
-        tied = cfg.get("tie_word_embeddings", False) or "lm_head.weight" not in weights
-        if tied:
+        if _embedding_is_lm_head(cfg, weights):
             weights["lm_head.weight"] = weights["embed_tokens.weight"]
         # One matmul for q, k, v and one for gate, up: fewer, larger GEMMs.
         for layer in range(self.num_layers):
