@@ -1,7 +1,8 @@
 """TreeDraftModel against transformers' LlamaForCausalLM on a tiny random Llama.
 
-The draft runner re-implements the Llama forward pass with its own KV cache
-and tree mask; transformers is the reference. Runs in seconds, no real model.
+The draft runner re-implements the Llama forward pass over a paged KV cache
+(plus scratch rows) with a tree mask; transformers is the reference. Runs in
+seconds, no real model.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_gsd.draft_model import TOKEN_COUNTS_FILE, TreeDraftModel
+from vllm_gsd.draft_model import SINK, TOKEN_COUNTS_FILE, DraftKVCache, TreeDraftModel
 
 transformers = pytest.importorskip("transformers")
 
@@ -42,17 +43,41 @@ def hf_next_logits(model, tokens: list[int]) -> torch.Tensor:
         return model(input_ids=torch.tensor([tokens])).logits[0]
 
 
+BLOCK_SIZE = 4
+# The request's blocks, out of order and never block 0 (vLLM's null block), as
+# a block table gives them: slot errors change the logits.
+BLOCK_IDS = np.random.default_rng(0).permutation(np.arange(1, 65)).tolist()
+
+
 def runner(path, head_vocab: int = 0) -> TreeDraftModel:
     return TreeDraftModel(str(path), torch.float32, torch.device("cpu"),
-                          max_slots=1, max_len=64, cache_bytes=2**30,
                           head_vocab=head_vocab)
 
 
-def causal_logits(draft: TreeDraftModel, tokens: list[int]) -> torch.Tensor:
+def new_cache(draft: TreeDraftModel, num_tokens: int = 32) -> DraftKVCache:
+    # NaN wherever nothing was written: reading such a slot shows in the logits.
+    blocks = max(BLOCK_IDS[:-(-num_tokens // BLOCK_SIZE)]) + 1
+    shape = (blocks, 2, BLOCK_SIZE, draft.num_kv_heads, draft.head_dim)
+    return DraftKVCache([torch.full(shape, float("nan")) for _ in range(draft.num_layers)],
+                        BLOCK_SIZE, draft.new_scratch(8))
+
+
+def slots(positions) -> torch.Tensor:
+    """Paged slots of token positions under BLOCK_IDS."""
+    positions = torch.as_tensor(positions)
+    return torch.tensor(BLOCK_IDS)[positions // BLOCK_SIZE] * BLOCK_SIZE + positions % BLOCK_SIZE
+
+
+def causal_logits(draft: TreeDraftModel, tokens: list[int],
+                  cache: DraftKVCache | None = None) -> torch.Tensor:
+    """A plain causal pass: every token's K/V go to its paged slot."""
     n = len(tokens)
+    cache = cache or new_cache(draft, n)
+    none = torch.zeros((1, 0), dtype=torch.long)
     return draft.forward(
-        slots=torch.tensor([0]), tokens=torch.tensor([tokens]),
-        positions=torch.arange(n)[None], write_index=torch.arange(n)[None],
+        cache, torch.tensor([tokens]), positions=torch.arange(n)[None],
+        write_slots=slots(torch.arange(n))[None], write_rows=torch.full((1, n), SINK),
+        read_slots=slots(torch.arange(n))[None], read_rows=none,
         attend=torch.ones(n, n, dtype=torch.bool).tril()[None])[0]
 
 
@@ -81,26 +106,28 @@ def test_reduced_head_keeps_the_most_frequent_tokens_columns(tmp_path, tie):
 
 def test_sibling_queries_each_see_only_their_own_branch(tmp_path):
     """Two siblings at the same position (and a child of the first) in one
-    pass equal transformers run on each branch as a plain sequence."""
+    pass, their K/V in scratch rows and the prefix's in pages, equal
+    transformers run on each branch as a plain sequence."""
     model = tiny_llama(tmp_path, tie=True)
     draft = runner(tmp_path)
     prefix = [7, 21, 64, 3, 90, 11]
     m = len(prefix)
-    slots = torch.tensor([0])
-    draft.forward(slots, torch.tensor([prefix]), torch.arange(m)[None],
-                  torch.arange(m)[None], torch.ones(m, m, dtype=torch.bool).tril()[None])
+    cache = new_cache(draft)
+    causal_logits(draft, prefix, cache)
 
     a, b, child = 40, 77, 12
-    # Cache columns: prefix 0..m-1, a at m, b at m+1, child (of a) at m+2.
+    # Key columns: the prefix's m slots, then scratch rows 3 (a), 5 (b), 2 (child of a).
     attend = torch.zeros(3, m + 3, dtype=torch.bool)
     attend[:, :m] = True
     attend[0, m] = True
     attend[1, m + 1] = True
     attend[2, [m, m + 2]] = True
     logits = draft.forward(
-        slots, tokens=torch.tensor([[a, b, child]]),
+        cache, tokens=torch.tensor([[a, b, child]]),
         positions=torch.tensor([[m, m, m + 1]]),
-        write_index=torch.tensor([[m, m + 1, m + 2]]), attend=attend[None])[0]
+        write_slots=torch.full((1, 3), SINK), write_rows=torch.tensor([[3, 5, 2]]),
+        read_slots=slots(torch.arange(m))[None], read_rows=torch.tensor([[3, 5, 2]]),
+        attend=attend[None])[0]
 
     torch.testing.assert_close(logits[0], hf_next_logits(model, prefix + [a])[-1],
                                atol=ATOL, rtol=0)
@@ -128,9 +155,9 @@ def test_shipped_distilled_draft_assembles_and_agrees_with_the_target(model_dir)
     with torch.no_grad():
         tokens = target_hf.generate(torch.tensor([prompt]), max_new_tokens=48,
                                     do_sample=False)[0].tolist()
-    draft = TreeDraftModel(str(draft_dir), torch.float32, torch.device("cpu"),
-                           max_slots=1, max_len=len(tokens), cache_bytes=2**30)
-    ours = causal_logits(draft, tokens)
+    draft = TreeDraftModel(str(draft_dir), torch.float32, torch.device("cpu"))
+    cache = new_cache(draft, len(tokens))
+    ours = causal_logits(draft, tokens, cache)
     torch.testing.assert_close(ours, hf_next_logits(draft_hf, tokens), atol=1e-3, rtol=0)
     generated = slice(len(prompt) - 1, len(tokens) - 1)
     agreement = (ours[generated].argmax(-1) == torch.tensor(tokens[len(prompt):])).float().mean()

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 NUM_SAMPLES = 1200
 PROMPT = "Write one sentence about the sea:"
-# Short contexts keep a draft-cache slot per running request (draft_cache_gib).
+# Short contexts: all 64 requests fit the KV cache at once.
 ENGINE = dict(max_model_len=128, max_num_seqs=64)
 SETTINGS = {
     "temperature_1": dict(temperature=1.0),

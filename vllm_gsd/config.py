@@ -66,11 +66,6 @@ class GSDConfig:
     vocabulary. A cheaper head for a narrow draft; still lossless, since the
     target verifies every token."""
 
-    draft_cache_gib: float = 1.0
-    """Memory for the draft model's KV cache (GiB). It holds whole requests;
-    when more requests run than fit, the least recently drafted lose their
-    draft cache and are recomputed, or decode without a tree that step."""
-
     budget: str = "adaptive"
     """How much of each tree to verify. "adaptive": every step, the nodes
     (possibly none) that maximise expected tokens per second, from the
@@ -116,7 +111,7 @@ class GSDConfig:
         for name in ("top_k", "merge_context", "max_depth", "max_draft_nodes",
                      "max_verify_nodes", "draft_vocab_size"):
             _check_type(name, getattr(self, name), int)
-        for name in ("sibling_ratio", "min_node_prob", "draft_cache_gib"):
+        for name in ("sibling_ratio", "min_node_prob"):
             _check_type(name, getattr(self, name), (int, float))
         _check_range("top_k", self.top_k, 1, 64)
         _check_range("merge_context", self.merge_context, -1, 64)
@@ -131,7 +126,6 @@ class GSDConfig:
                 f"speculative_config.draft_vocab_size: {self.draft_vocab_size} is "
                 f"smaller than top_k ({self.top_k}); use 0 (whole vocabulary) or "
                 "at least top_k.")
-        _check_range("draft_cache_gib", self.draft_cache_gib, 0.001, 1024)
         _check_type("budget", self.budget, str)
         if self.budget not in BUDGETS:
             raise GSDConfigError(

@@ -4,16 +4,16 @@ Drafting a graph needs what vLLM's attention backends cannot give a draft
 today: one forward pass over many frontier nodes of many requests, each node
 seeing only the prompt, the accepted tokens and its own ancestors, at position
 root + depth. This module evaluates the draft's weights with PyTorch SDPA and
-an explicit boolean mask over a per-request dense KV cache ("slots").
-
-Moving the draft's KV into vLLM's paged cache is tracked in the engine issue;
-until then the cache here is bounded by `num_slots * max_len` tokens.
+an explicit boolean mask. The K/V of accepted tokens live in pages of vLLM's
+KV cache, addressed through the request's block table like the target's
+(`DraftKVCache`); a step's tree nodes live in a small scratch area.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -134,21 +134,49 @@ def frequent_token_ids(path: str, num_tokens: int) -> torch.Tensor:
     return torch.sort(counts, descending=True, stable=True).indices[:num_tokens]
 
 
+SINK = 0
+"""Paged slot 0 lies in vLLM's null block (block 0, never given to a
+request) and scratch row 0 is never handed out: padded queries write there
+and padded key columns read from there, always masked out."""
+
+
+@dataclass
+class DraftKVCache:
+    """Where the draft's K/V live.
+
+    pages: per layer [num_blocks, 2 (K, V), block_size, kv_heads, head_dim],
+        views into vLLM's KV cache allocation. Token position p of a request
+        is slot `block_ids[p // block_size] * block_size + p % block_size`
+        of the request's block table, as for the target, so the draft's
+        cache is sized, shared, freed and preempted with the target's.
+    scratch: [num_layers, rows, 2, kv_heads, head_dim], this step's tree
+        nodes (and accepted tokens whose block the scheduler has not
+        allocated yet); rewritten every step.
+    """
+
+    pages: list[torch.Tensor]
+    block_size: int
+    scratch: torch.Tensor
+
+    def ensure_scratch_rows(self, rows: int) -> None:
+        """Grows the scratch area (between steps: its content is lost)."""
+        if rows > self.scratch.shape[1]:
+            shape = (self.scratch.shape[0], rows) + self.scratch.shape[2:]
+            self.scratch = self.scratch.new_zeros(shape)
+
+
 class TreeDraftModel:
-    """Llama weights plus a dense KV cache of `num_slots` requests.
+    """Llama weights, evaluated over a `DraftKVCache`.
 
     With `head_vocab` > 0 the LM head keeps only the rows of the draft
     folder's `head_vocab` most frequent tokens (the idea of FR-Spec, Zhao et
     al. 2025): a narrow draft spends most of its time in its vocab-wide head,
     and tokens it never proposes cost nothing in losslessness, because the
     target verifies every token. Logits then index `head_token_ids`.
-
-    Cache layout per layer: [num_slots, kv_heads, max_len + 1, head_dim]; the
-    last column is a sink for padded queries so they never clobber real rows.
     """
 
     def __init__(self, path: str, dtype: torch.dtype, device: torch.device,
-                 max_slots: int, max_len: int, cache_bytes: int, head_vocab: int = 0):
+                 head_vocab: int = 0):
         cfg = read_draft_config(path)
         self.num_layers = cfg["num_hidden_layers"]
         self.num_heads = cfg["num_attention_heads"]
@@ -170,20 +198,10 @@ class TreeDraftModel:
         self.inv_freq = 1.0 / (theta ** (
             torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device)
             / self.head_dim))
-        slot_bytes = (2 * self.num_layers * self.num_kv_heads * (max_len + 1)
-                      * self.head_dim * torch.finfo(dtype).bits // 8)
-        self.num_slots = max(1, min(max_slots, cache_bytes // slot_bytes))
-        self.max_len = max_len
-        shape = (self.num_slots, self.num_kv_heads, max_len + 1, self.head_dim)
-        self.k_cache = [torch.zeros(shape, dtype=dtype, device=device)
-                        for _ in range(self.num_layers)]
-        self.v_cache = [torch.zeros(shape, dtype=dtype, device=device)
-                        for _ in range(self.num_layers)]
 
-    @property
-    def sink_index(self) -> int:
-        return self.max_len
-
+    def new_scratch(self, rows: int) -> torch.Tensor:
+        return torch.zeros((self.num_layers, rows, 2, self.num_kv_heads, self.head_dim),
+                           dtype=self.dtype, device=self.device)
     def _load_weights(self, path: str, cfg: dict) -> dict[str, torch.Tensor]:
         weights: dict[str, torch.Tensor] = {}
         for file in weight_files(path):
@@ -219,26 +237,30 @@ class TreeDraftModel:
         return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
 
     @torch.inference_mode()
-    def forward(self, slots: torch.Tensor, tokens: torch.Tensor,
-                positions: torch.Tensor, write_index: torch.Tensor,
-                attend: torch.Tensor) -> torch.Tensor:
-        """Runs queries of several requests, writing their K/V into the cache.
+    def forward(self, cache: DraftKVCache, tokens: torch.Tensor,
+                positions: torch.Tensor, write_slots: torch.Tensor,
+                write_rows: torch.Tensor, read_slots: torch.Tensor,
+                read_rows: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
+        """Runs queries of several requests, writing their K/V into `cache`.
 
-        slots: [B] cache slot of each request.
-        tokens, positions, write_index: [B, Q] (padded queries write to
-            `sink_index` and are ignored by the caller).
-        attend: [B, Q, L] bool, which cache columns 0..L-1 each query sees
-            (its own column included).
+        tokens, positions: [B, Q].
+        write_slots, write_rows: [B, Q], where each query's K/V go: a paged
+            slot and a scratch row, one of them (both for padding) SINK.
+        read_slots [B, P], read_rows [B, S]: the key columns of each row,
+            paged slots first, then scratch rows (padding: SINK).
+        attend: [B, Q, P + S] bool, which key columns each query sees (its
+            own included).
         Returns the draft's next-token logits, [B, Q, head vocab] (columns
         are token ids unless `head_token_ids` maps them).
         """
         w = self.weights
         batch, num_queries = tokens.shape
-        kv_len = attend.shape[-1]
         mask = attend[:, None]  # broadcast over heads
         cos, sin = self._rope_tables(positions)
         q_size = self.num_heads * self.head_dim
         kv_size = self.num_kv_heads * self.head_dim
+        write_blocks, write_offsets = write_slots // cache.block_size, write_slots % cache.block_size
+        read_blocks, read_offsets = read_slots // cache.block_size, read_slots % cache.block_size
         x = w["embed_tokens.weight"][tokens]
         for layer in range(self.num_layers):
             p = f"layers.{layer}."
@@ -246,15 +268,18 @@ class TreeDraftModel:
             q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
             q = q.view(batch, num_queries, self.num_heads, self.head_dim).transpose(1, 2)
             k = k.view(batch, num_queries, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            v = v.view(batch, num_queries, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            v = v.view(batch, num_queries, self.num_kv_heads, self.head_dim)
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-            # Advanced indices around a slice put [B, Q] first: [B, Q, kvH, D].
-            self.k_cache[layer][slots[:, None], :, write_index] = k.transpose(1, 2)
-            self.v_cache[layer][slots[:, None], :, write_index] = v.transpose(1, 2)
-            keys = self.k_cache[layer][slots, :, :kv_len]
-            values = self.v_cache[layer][slots, :, :kv_len]
-            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
-                                                  enable_gqa=True)
+            new_kv = torch.stack((k.transpose(1, 2), v), dim=2)  # [B, Q, 2, kvH, D]
+            pages, scratch = cache.pages[layer], cache.scratch[layer]
+            # Advanced indices around a slice put [B, Q] first: [B, Q, 2, kvH, D].
+            pages[write_blocks, :, write_offsets] = new_kv
+            scratch[write_rows] = new_kv
+            seen = torch.cat((pages[read_blocks, :, read_offsets], scratch[read_rows]), dim=1)
+            keys, values = seen.unbind(2)  # [B, P + S, kvH, D] each
+            attn = F.scaled_dot_product_attention(q, keys.transpose(1, 2),
+                                                  values.transpose(1, 2),
+                                                  attn_mask=mask, enable_gqa=True)
             attn = attn.transpose(1, 2).reshape(batch, num_queries, -1)
             x = x + F.linear(attn, w[p + "self_attn.o_proj.weight"])
             gate, up = F.linear(self._rms_norm(x, w[p + "post_attention_layernorm.weight"]),

@@ -29,6 +29,13 @@ The patch points follow research/vllm_internals.md §7.2 (vLLM 0.32 V1 runner):
      processors out of the batch (build_logitsprocs). GSD decodes such a
      request without drafts, where vLLM's own sampler applies both exactly,
      so the refusal is lifted and the processors are built.
+  P9 The draft's KV in vLLM's KV cache: GPUModelRunner.get_kv_cache_spec
+     adds one full-attention layer per draft layer, so vLLM's memory
+     accounting, block pool and scheduler (allocation, prefix sharing,
+     preemption) cover the draft; they land in the target's cache group and
+     share its block table. GPUModelRunner.initialize_kv_cache takes them
+     out of the config before vLLM's attention set-up (they are no attention
+     modules) and hands the proposer views of their pages.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import torch
 
 from vllm.logger import init_logger
 
@@ -85,6 +93,7 @@ def apply_all() -> None:
     _patch_attention()
     _patch_stats_transport()
     _patch_plain_only_sampling_options()
+    _patch_draft_kv_cache()
 
 
 # P1 ---------------------------------------------------------------------
@@ -393,3 +402,120 @@ def _patch_plain_only_sampling_options() -> None:
     _wrap(gpu_model_runner, "build_logitsprocs",
           ("vllm_config", "device", "is_pin_memory", "is_pooling_model",
            "custom_logitsprocs"), make_build)
+
+
+# P9 ---------------------------------------------------------------------
+
+def _patch_draft_kv_cache() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from vllm_gsd.proposer import GSDProposer
+
+    def make_get_spec(original: Callable[..., Any]) -> Callable[..., Any]:
+        def get_kv_cache_spec(self: Any) -> Any:
+            specs = original(self)
+            drafter = getattr(self, "drafter", None)
+            if isinstance(drafter, GSDProposer) and specs:
+                specs |= draft_kv_cache_specs(specs, drafter)
+            return specs
+        return get_kv_cache_spec
+
+    def make_initialize(original: Callable[..., Any]) -> Callable[..., Any]:
+        def initialize_kv_cache(self: Any, kv_cache_config: Any, *args: Any,
+                                **kwargs: Any) -> Any:
+            drafter = getattr(self, "drafter", None)
+            if not isinstance(drafter, GSDProposer):
+                return original(self, kv_cache_config, *args, **kwargs)
+            target_config, placements = split_draft_layers(
+                kv_cache_config, drafter.kv_cache_layer_names)
+            result = original(self, target_config, *args, **kwargs)
+            # Every layer's view shares the one backing allocation.
+            backing = self.kv_caches[0]
+            storage = backing.new_empty(0, dtype=torch.int8).set_(backing.untyped_storage())
+            block_size = target_config.kv_cache_groups[0].kv_cache_spec.block_size
+            drafter.bind_kv_cache(
+                [draft_pages(storage, tensor, index, kv_cache_config.num_blocks_of(tensor),
+                             block_size, drafter.draft)
+                 for tensor, index in placements], block_size)
+            return result
+        return initialize_kv_cache
+
+    _wrap(GPUModelRunner, "get_kv_cache_spec", ("self",), make_get_spec)
+    _wrap(GPUModelRunner, "initialize_kv_cache", ("self", "kv_cache_config"),
+          make_initialize)
+
+
+def draft_kv_cache_specs(target_specs: dict, drafter: Any) -> dict:
+    """A full-attention spec per draft layer, with the target's block size.
+    The target must be all full attention: one cache group then holds both
+    models, and a token's draft K/V sit in the same block as its target's."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    for name, spec in target_specs.items():
+        if (type(spec) is not FullAttentionSpec or spec.sliding_window is not None
+                or spec.attention_chunk_size is not None):
+            raise RuntimeError(
+                f"GSD needs a target whose layers are all full attention; {name} "
+                f"has {spec}.")
+    first = next(iter(target_specs.values()))
+    draft = drafter.draft
+    spec = FullAttentionSpec(block_size=first.block_size, num_kv_heads=draft.num_kv_heads,
+                             head_size=draft.head_dim, dtype=draft.dtype,
+                             dcp_sharded=first.dcp_sharded)
+    return {name: spec for name in drafter.kv_cache_layer_names}
+
+
+def split_draft_layers(kv_cache_config: Any, draft_names: list[str]
+                       ) -> tuple[Any, list[tuple[Any, int]]]:
+    """The config without the draft's layers, which is what vLLM's attention
+    set-up sees, and where each draft layer's pages are: its KVCacheTensor
+    and index in that tensor's layers, in `draft_names` order."""
+    import copy
+
+    from vllm.v1.kv_cache_interface import UniformTypeKVCacheSpecs
+
+    config = copy.deepcopy(kv_cache_config)
+    drafts = set(draft_names)
+    groups = [g for g in config.kv_cache_groups if drafts & set(g.layer_names)]
+    if len(config.kv_cache_groups) != 1 or len(groups) != 1:
+        raise RuntimeError(
+            "GSD expects the target and the draft in one KV cache group; vLLM made "
+            f"{len(config.kv_cache_groups)} groups.")
+    group = groups[0]
+    group.layer_names = [n for n in group.layer_names if n not in drafts]
+    if isinstance(group.kv_cache_spec, UniformTypeKVCacheSpecs):
+        specs = {n: s for n, s in group.kv_cache_spec.kv_cache_specs.items()
+                 if n not in drafts}
+        distinct = set(specs.values())
+        group.kv_cache_spec = (distinct.pop() if len(distinct) == 1 else
+                               UniformTypeKVCacheSpecs(block_size=group.kv_cache_spec.block_size,
+                                                       kv_cache_specs=specs))
+    placements = {}
+    for tensor in kv_cache_config.kv_cache_tensors:
+        for index, name in enumerate(tensor.layers):
+            if name in drafts:
+                placements[name] = (tensor, index)
+    kept = []
+    for tensor in config.kv_cache_tensors:
+        target_layers = [n for n in tensor.layers if n not in drafts]
+        # vLLM places a tensor's layers by their index: the draft's must be last.
+        if tensor.layers[:len(target_layers)] != target_layers:
+            raise RuntimeError(f"GSD: draft layers are not last in {tensor.layers}.")
+        if target_layers:
+            tensor.layers = target_layers
+            kept.append(tensor)
+    config.kv_cache_tensors = kept
+    return config, [placements[name] for name in draft_names]
+
+
+def draft_pages(storage: torch.Tensor, tensor: Any, index: int, num_blocks: int,
+                block_size: int, draft: Any) -> torch.Tensor:
+    """[num_blocks, 2, block_size, kv_heads, head_dim] view of draft layer
+    `index` of KVCacheTensor `tensor` in the backing allocation `storage`
+    (int8): its page of block b starts at offset + index * layer_stride +
+    b * block_stride bytes (vllm/v1/kv_cache_interface.py, KVCacheTensor)."""
+    shape = (2, block_size, draft.num_kv_heads, draft.head_dim)
+    page_bytes = int(np.prod(shape)) * draft.dtype.itemsize
+    pages = storage.as_strided((num_blocks, page_bytes), (tensor.block_stride, 1),
+                               tensor.offset + index * tensor.layer_stride)
+    return pages.view(draft.dtype).view(num_blocks, *shape)

@@ -7,9 +7,14 @@ It returns the flattened tree's tokens as the request's draft tokens, parents
 first, and keeps the tree itself in `trees` for the next step's target pass
 (`vllm_gsd.step.TreeStep` takes it from there).
 
+The draft's K/V of accepted tokens live in vLLM's KV cache, in pages of the
+request's own blocks (`vllm_gsd.draft_model.DraftKVCache`; patches.py P9
+adds the draft's layers to vLLM's KV cache spec), so vLLM sizes, frees and
+preempts them with the target's; a step's tree nodes live in scratch rows.
+
 One draft step for all requests together:
-  1. catch-up: the tokens accepted since the request's draft cache was last
-     valid (at least the root, the token sampled last) run causally; the
+  1. catch-up: the tokens accepted since the request's draft K/V were last
+     written (at least the root, the token sampled last) run causally; the
      root's logits give the first level's candidates;
   2. one draft forward per further level over every request's frontier, each
      node attending to the prefix and its own creation ancestors at position
@@ -34,7 +39,7 @@ from vllm.logger import init_logger
 from vllm_gsd.budget import (MAX_PROBE_INTERVAL, BudgetRequest, GraphBudget, StepCostModel,
                              StepShape)
 from vllm_gsd.config import GSDConfig
-from vllm_gsd.draft_model import TreeDraftModel
+from vllm_gsd.draft_model import SINK, DraftKVCache, TreeDraftModel
 from vllm_gsd.graph import ROOT, FlatTree, TokenGraph
 from vllm_gsd.metrics import GSDStats
 
@@ -54,14 +59,8 @@ _BATCHED_CATCH_UP_LEN = 2 * MAX_PROBE_INTERVAL
 _SAMPLING_EPS = 1e-5
 
 
-@dataclass
-class _Slot:
-    """A request's rows in the draft cache."""
-
-    index: int
-    num_cached: int = 0
-    """Leading tokens of the request whose draft K/V are valid in the cache."""
-    last_used: int = 0
+DRAFT_LAYER_PREFIX = "gsd_draft.layers."
+"""Names of the draft's layers in vLLM's KV cache spec and config."""
 
 
 @dataclass
@@ -69,20 +68,39 @@ class _Drafting:
     """One request's state while its graph grows during one step."""
 
     req_id: str
-    slot: _Slot
     tokens: np.ndarray  # [num_tokens] accepted tokens, the root last
     graph: TokenGraph
     max_verify: int
     greedy: bool
     pinned: bool
     """Seeded sampling: always drafted, whole tree (`vllm_gsd.budget`)."""
+    num_cached: int
+    """Leading tokens whose draft K/V are in the paged cache already."""
+    paged_slots: np.ndarray
+    """Slot of each token position the request's blocks hold so far; tokens
+    past them (the root, when its block comes with the next schedule) get
+    scratch rows instead."""
     frontier: list[int] = field(default_factory=list)
-    column: dict[int, int] = field(default_factory=dict)
-    """Draft cache column of each node fed to the draft this step."""
+    scratch_rows: list[int] = field(default_factory=list)
+    """Scratch rows holding this step's K/V: accepted tokens past the
+    request's blocks first, then the nodes fed to the draft."""
+    scratch_column: dict[int, int] = field(default_factory=dict)
+    """Index in `scratch_rows` of each node fed to the draft."""
+    first_row: int = SINK
+    """Start of the request's range of scratch rows this step."""
 
     @property
     def root_position(self) -> int:
         return len(self.tokens) - 1
+
+    @property
+    def paged_len(self) -> int:
+        """Accepted tokens whose K/V are paged once the catch-up ran."""
+        return min(len(self.tokens), len(self.paged_slots))
+
+    @property
+    def num_unpaged(self) -> int:
+        return len(self.tokens) - self.paged_len
 
 
 def plain_decoding_reason(params: SamplingParams) -> str | None:
@@ -126,7 +144,11 @@ class GSDProposer:
         self.stats = GSDStats()
         self.runner: Any = None  # the GPUModelRunner, bound by vllm_gsd.patches
         self.draft: TreeDraftModel | None = None
-        self._slots: dict[str, _Slot] = {}
+        self.kv: DraftKVCache | None = None
+        self._num_cached: dict[str, int] = {}
+        """Per request of the last step's batch: leading tokens whose draft
+        K/V are paged. A request missing from a step's batch (preempted, so
+        its blocks may have been reused) starts again from none."""
         self._step = 0
         self._plain_reasons_logged: set[str] = set()
         self.budget = (GraphBudget(self.config.max_depth)
@@ -137,23 +159,21 @@ class GSDProposer:
 
     def load_model(self, target_model: torch.nn.Module) -> None:
         device = next(target_model.parameters()).device
-        # A slot holds a whole request plus the nodes drafted in one step.
-        max_len = self.max_model_len + self.config.max_draft_nodes
         self.draft = TreeDraftModel(self.config.model, self.dtype, device,
-                                    self.max_num_seqs, max_len,
-                                    int(self.config.draft_cache_gib * 2**30),
                                     self.config.draft_vocab_size)
-        self.num_slots = self.draft.num_slots
-        logger.info("GSD draft model %s loaded: %d layers, KV cache for %d "
-                    "requests of %d tokens", self.config.model,
-                    self.draft.num_layers, self.num_slots, max_len)
-        if self.num_slots < self.max_num_seqs:
-            logger.warning(
-                "GSD: the draft's KV cache (draft_cache_gib=%s) holds %d requests "
-                "of max_model_len, fewer than max_num_seqs=%d; requests beyond "
-                "it are decoded without a tree. Raise draft_cache_gib or lower "
-                "max_model_len to draft for all.", self.config.draft_cache_gib,
-                self.num_slots, self.max_num_seqs)
+        logger.info("GSD draft model %s loaded: %d layers", self.config.model,
+                    self.draft.num_layers)
+
+    @property
+    def kv_cache_layer_names(self) -> list[str]:
+        return [f"{DRAFT_LAYER_PREFIX}{i}" for i in range(self.draft.num_layers)]
+
+    def bind_kv_cache(self, pages: list[torch.Tensor], block_size: int) -> None:
+        """The draft's pages in vLLM's KV cache, one per layer (patches.py P9)."""
+        # Rows for every request's tree plus the root of each (see _Drafting).
+        rows = 1 + self.max_num_seqs * (self.config.max_draft_nodes + 1)
+        self.kv = DraftKVCache(pages, block_size, self.draft.new_scratch(rows))
+        self._num_cached = {}
 
     def propose(self, sampled_token_ids: list[list[int]],
                 num_tokens_no_spec: np.ndarray, token_ids_cpu: np.ndarray,
@@ -169,6 +189,7 @@ class GSDProposer:
         num_decoding = sum(1 for sampled in sampled_token_ids if sampled)
         draft_unpinned = self.budget is None or self.budget.next_step(num_decoding)
         req_ids = self.runner.input_batch.req_ids
+        self._num_cached = {r: self._num_cached[r] for r in req_ids if r in self._num_cached}
         drafting = []
         for row, sampled in enumerate(sampled_token_ids):
             if not sampled:
@@ -187,18 +208,23 @@ class GSDProposer:
                              self.max_model_len - num_tokens - 1)
             if max_verify <= 0:
                 continue
-            slot = self._slot_for(req_id, set(req_ids))
-            if slot is None:
-                continue
             tokens = token_ids_cpu[row, :num_tokens]
             graph = TokenGraph(tokens[-max(self.config.merge_context, 0) - 1:],
                                self.config.merge_context,
                                self.config.max_draft_nodes + 1)
-            drafting.append(_Drafting(req_id, slot, tokens, graph, max_verify,
-                                      greedy, pinned))
+            drafting.append(_Drafting(req_id, tokens, graph, max_verify, greedy, pinned,
+                                      self._num_cached.get(req_id, 0),
+                                      self._paged_slots(req_id)))
         new_prompts = False
         if drafting:
             self.stats.draft_steps += 1
+            self.kv.ensure_scratch_rows(1 + sum(
+                d.num_unpaged + self.config.max_draft_nodes for d in drafting))
+            next_row = 1  # SINK stays free
+            for d in drafting:
+                d.first_row = next_row
+                d.scratch_rows = list(range(next_row, next_row + d.num_unpaged))
+                next_row += d.num_unpaged + self.config.max_draft_nodes
             new_prompts = self._catch_up(drafting)
             for _ in range(1, self.config.max_depth):
                 growing = [d for d in drafting if d.frontier]
@@ -261,54 +287,45 @@ class GSDProposer:
                         "(exact plain sampling); logged once per reason.", reason)
         return None
 
-    def _slot_for(self, req_id: str, active: set[str]) -> _Slot | None:
-        """The request's cache slot; evicts the least recently used idle one."""
-        slot = self._slots.get(req_id)
-        if slot is None:
-            used = {s.index for s in self._slots.values()}
-            free = [i for i in range(self.num_slots) if i not in used]
-            if free:
-                slot = _Slot(free[0])
-            else:
-                idle = [r for r in self._slots if r not in active]
-                if not idle:
-                    return None
-                victim = min(idle, key=lambda r: self._slots[r].last_used)
-                slot = _Slot(self._slots.pop(victim).index)
-            self._slots[req_id] = slot
-        slot.last_used = self._step
-        return slot
+    def _paged_slots(self, req_id: str) -> np.ndarray:
+        """Slot of every position the request's blocks hold (one KV cache
+        group: patches.py P9 refuses targets with more)."""
+        block_ids = np.asarray(self.runner.requests[req_id].block_ids[0])
+        size = self.kv.block_size
+        return (block_ids[:, None] * size + np.arange(size)).ravel()
 
     def _catch_up(self, drafting: list[_Drafting]) -> bool:
         """Feeds each request's uncached accepted tokens; expands the roots.
         Returns whether a long catch-up (a new prompt) ran on its own."""
         for d in drafting:
             # A request whose tokens shrank (should not happen) restarts.
-            if d.slot.num_cached >= len(d.tokens):
-                d.slot.num_cached = 0
+            if d.num_cached >= len(d.tokens):
+                d.num_cached = 0
         short = [d for d in drafting
-                 if len(d.tokens) - d.slot.num_cached <= _BATCHED_CATCH_UP_LEN]
+                 if len(d.tokens) - d.num_cached <= _BATCHED_CATCH_UP_LEN]
         groups = [short] if short else []
         groups += [[d] for d in drafting if d not in short]
         new_prompts = len(short) < len(drafting)
         for group in groups:
-            queries = [list(range(d.slot.num_cached, len(d.tokens))) for d in group]
-            tokens, positions, write, attend = self._padded_batch(
-                len(group), max(len(q) for q in queries),
-                max(len(d.tokens) for d in group))
-            for b, (d, cols) in enumerate(zip(group, queries)):
-                tokens[b, :len(cols)] = d.tokens[cols]
-                positions[b, :len(cols)] = cols
-                write[b, :len(cols)] = cols
-                for q, col in enumerate(cols):
-                    attend[b, q, :col + 1] = True
-            last = torch.tensor([len(cols) - 1 for cols in queries])
-            logits = self._forward(group, tokens, positions, write, attend)
+            batch = _DraftBatch(group, [len(d.tokens) - d.num_cached for d in group])
+            for b, d in enumerate(group):
+                positions = np.arange(d.num_cached, len(d.tokens))
+                n, paged = len(positions), d.paged_len
+                batch.tokens[b, :n] = d.tokens[positions]
+                batch.positions[b, :n] = positions
+                in_pages = positions < paged
+                batch.write_slots[b, :n][in_pages] = d.paged_slots[positions[in_pages]]
+                batch.write_rows[b, :n][~in_pages] = d.scratch_rows
+                batch.attend[b, :n, :paged] = np.arange(paged) <= positions[:, None]
+                unpaged = np.arange(paged, len(d.tokens))
+                batch.attend[b][:n, batch.num_paged + np.arange(len(unpaged))] = (
+                    unpaged <= positions[:, None])
+            last = torch.tensor([len(d.tokens) - d.num_cached - 1 for d in group])
+            logits = self._forward(batch)
             top_tokens, top_probs = self._candidates(
                 logits[torch.arange(len(group)), last][:, None])
             for b, d in enumerate(group):
-                d.slot.num_cached = len(d.tokens)
-                d.column[ROOT] = d.root_position
+                self._num_cached[d.req_id] = d.paged_len
                 d.frontier = d.graph.expand([ROOT], top_tokens[b], top_probs[b],
                                             self.config.sibling_ratio,
                                             self.config.min_node_prob)
@@ -316,50 +333,36 @@ class GSDProposer:
 
     def _grow_level(self, growing: list[_Drafting]) -> None:
         """One draft forward over every request's frontier nodes."""
-        width = max(len(d.frontier) for d in growing)
         for d in growing:
             for node in d.frontier:
-                d.column[node] = len(d.tokens) + len(d.column) - 1
-        kv_len = max(max(d.column.values()) + 1 for d in growing)
-        tokens, positions, write, attend = self._padded_batch(len(growing), width, kv_len)
+                d.scratch_column[node] = len(d.scratch_rows)
+                d.scratch_rows.append(d.first_row + len(d.scratch_rows))
+        batch = _DraftBatch(growing, [len(d.frontier) for d in growing])
         for b, d in enumerate(growing):
-            attend[b, :len(d.frontier), :len(d.tokens)] = True
+            n = len(d.frontier)
+            batch.attend[b, :n, :d.paged_len] = True
+            batch.attend[b, :n, batch.num_paged:batch.num_paged + d.num_unpaged] = True
             for q, node in enumerate(d.frontier):
                 path = d.graph.creation_path(node)
-                tokens[b, q] = d.graph.node(node).token
-                positions[b, q] = d.root_position + len(path) - 1
-                write[b, q] = d.column[node]
-                attend[b, q, [d.column[n] for n in path]] = True
-        top_tokens, top_probs = self._candidates(
-            self._forward(growing, tokens, positions, write, attend))
+                batch.tokens[b, q] = d.graph.node(node).token
+                batch.positions[b, q] = d.root_position + len(path) - 1
+                batch.write_rows[b, q] = d.scratch_rows[d.scratch_column[node]]
+                batch.attend[b, q, [batch.num_paged + d.scratch_column[a]
+                                    for a in path if a != ROOT]] = True
+        top_tokens, top_probs = self._candidates(self._forward(batch))
         for b, d in enumerate(growing):
             n = len(d.frontier)
             d.frontier = d.graph.expand(d.frontier, top_tokens[b][:n], top_probs[b][:n],
                                         self.config.sibling_ratio,
                                         self.config.min_node_prob)
 
-    def _padded_batch(self, rows: int, width: int, kv_len: int
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Empty draft inputs: tokens, positions, write columns [rows, width]
-        (padding writes to the sink) and the attend mask [rows, width, kv_len]."""
-        tokens = np.zeros((rows, width), dtype=np.int64)
-        write = np.full_like(tokens, self.draft.sink_index)
-        attend = np.zeros((rows, width, kv_len), dtype=bool)
-        attend[:, :, 0] = True  # padded queries need one key, or SDPA gives NaN
-        return tokens, np.zeros_like(tokens), write, attend
-
-    def _forward(self, group: list[_Drafting], tokens: np.ndarray,
-                 positions: np.ndarray, write: np.ndarray,
-                 attend: np.ndarray) -> torch.Tensor:
+    def _forward(self, batch: _DraftBatch) -> torch.Tensor:
         device = self.draft.device
         self.stats.draft_forward_passes += 1
-        self.stats.draft_tokens += int((write != self.draft.sink_index).sum())
-        return self.draft.forward(
-            torch.tensor([d.slot.index for d in group], device=device),
-            torch.from_numpy(tokens).to(device),
-            torch.from_numpy(positions).to(device),
-            torch.from_numpy(write).to(device),
-            torch.from_numpy(attend).to(device))
+        self.stats.draft_tokens += batch.num_queries
+        return self.draft.forward(self.kv, *(torch.from_numpy(array).to(device) for array in (
+            batch.tokens, batch.positions, batch.write_slots, batch.write_rows,
+            batch.read_slots, batch.read_rows, batch.attend)))
 
     def _candidates(self, logits: torch.Tensor) -> tuple[list, list]:
         """Top-k token ids and draft probabilities of every query, as nested
@@ -369,6 +372,31 @@ class GSDProposer:
         head = self.draft.head_token_ids
         top_tokens = top_columns if head is None else head[top_columns]
         return top_tokens.tolist(), top_probs.tolist()
+
+
+class _DraftBatch:
+    """The inputs of one draft forward (`TreeDraftModel.forward`) for the
+    requests `group`, with `num_queries[b]` queries in row b, padded with
+    SINK. The key columns are each request's paged tokens, then its scratch
+    rows; the callers fill in the queries and the attend mask."""
+
+    def __init__(self, group: list[_Drafting], num_queries: list[int]):
+        rows = len(group)
+        self.num_queries = sum(num_queries)
+        self.tokens = np.zeros((rows, max(num_queries)), dtype=np.int64)
+        self.positions = np.zeros_like(self.tokens)
+        self.write_slots = np.full_like(self.tokens, SINK)
+        self.write_rows = np.full_like(self.tokens, SINK)
+        self.num_paged = max(d.paged_len for d in group)
+        self.read_slots = np.full((rows, self.num_paged), SINK, dtype=np.int64)
+        self.read_rows = np.full((rows, max(len(d.scratch_rows) for d in group)), SINK,
+                                 dtype=np.int64)
+        for b, d in enumerate(group):
+            self.read_slots[b, :d.paged_len] = d.paged_slots[:d.paged_len]
+            self.read_rows[b, :len(d.scratch_rows)] = d.scratch_rows
+        self.attend = np.zeros(self.tokens.shape + (self.num_paged + self.read_rows.shape[1],),
+                               dtype=bool)
+        self.attend[:, :, 0] = True  # padded queries need one key, or SDPA gives NaN
 
 
 @dataclass
