@@ -90,6 +90,27 @@ def test_causal_forward_matches_transformers(tmp_path, tie):
                                atol=ATOL, rtol=0)
 
 
+def test_logits_of_one_query_per_row_equal_the_full_pass(tmp_path):
+    """A catch-up needs only its last token's logits: asking for one query
+    per row gives exactly that query's row of the full pass."""
+    tiny_llama(tmp_path, tie=False)
+    draft = runner(tmp_path)
+    tokens = [3, 17, 99, 42, 5, 64]
+    n = len(tokens)
+    full = causal_logits(draft, tokens)
+    inputs = (torch.tensor([tokens, tokens[::-1]]), torch.arange(n).repeat(2, 1),
+              torch.stack([slots(torch.arange(n)), slots(torch.arange(n) + 8)]),
+              torch.full((2, n), SINK),
+              torch.stack([slots(torch.arange(n)), slots(torch.arange(n) + 8)]),
+              torch.zeros((2, 0), dtype=torch.long),
+              torch.ones(n, n, dtype=torch.bool).tril().repeat(2, 1, 1))
+    both = draft.forward(new_cache(draft), *inputs)
+    picked = draft.forward(new_cache(draft), *inputs, logits_at=torch.tensor([n - 1, 2]))
+    assert picked.shape == (2, 1, VOCAB)
+    torch.testing.assert_close(picked[0, 0], full[n - 1], atol=ATOL, rtol=0)
+    torch.testing.assert_close(picked[:, 0], both[[0, 1], [n - 1, 2]], atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("tie", [True, False], ids=["tied_head", "separate_head"])
 def test_reduced_head_keeps_the_most_frequent_tokens_columns(tmp_path, tie):
     model = tiny_llama(tmp_path, tie)

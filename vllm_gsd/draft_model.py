@@ -240,7 +240,8 @@ class TreeDraftModel:
     def forward(self, cache: DraftKVCache, tokens: torch.Tensor,
                 positions: torch.Tensor, write_slots: torch.Tensor,
                 write_rows: torch.Tensor, read_slots: torch.Tensor,
-                read_rows: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
+                read_rows: torch.Tensor, attend: torch.Tensor,
+                logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """Runs queries of several requests, writing their K/V into `cache`.
 
         tokens, positions: [B, Q].
@@ -250,8 +251,10 @@ class TreeDraftModel:
             paged slots first, then scratch rows (padding: SINK).
         attend: [B, Q, P + S] bool, which key columns each query sees (its
             own included).
-        Returns the draft's next-token logits, [B, Q, head vocab] (columns
-        are token ids unless `head_token_ids` maps them).
+        logits_at: [B], the one query per row whose logits are wanted (a
+            catch-up needs only its last token's); None: every query's.
+        Returns the draft's next-token logits, [B, Q or 1, head vocab]
+        (columns are token ids unless `head_token_ids` maps them).
         """
         w = self.weights
         batch, num_queries = tokens.shape
@@ -285,4 +288,6 @@ class TreeDraftModel:
             gate, up = F.linear(self._rms_norm(x, w[p + "post_attention_layernorm.weight"]),
                                 w[p + "gate_up"]).chunk(2, dim=-1)
             x = x + F.linear(F.silu(gate) * up, w[p + "mlp.down_proj.weight"])
+        if logits_at is not None:
+            x = x[torch.arange(batch, device=x.device), logits_at][:, None]
         return F.linear(self._rms_norm(x, w["norm.weight"]), w["lm_head.weight"])

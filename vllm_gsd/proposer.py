@@ -320,10 +320,8 @@ class GSDProposer:
                 unpaged = np.arange(paged, len(d.tokens))
                 batch.attend[b][:n, batch.num_paged + np.arange(len(unpaged))] = (
                     unpaged <= positions[:, None])
-            last = torch.tensor([len(d.tokens) - d.num_cached - 1 for d in group])
-            logits = self._forward(batch)
-            top_tokens, top_probs = self._candidates(
-                logits[torch.arange(len(group)), last][:, None])
+            roots = np.array([len(d.tokens) - d.num_cached - 1 for d in group])
+            top_tokens, top_probs = self._candidates(self._forward(batch, roots))
             for b, d in enumerate(group):
                 self._num_cached[d.req_id] = d.paged_len
                 d.frontier = d.graph.expand([ROOT], top_tokens[b], top_probs[b],
@@ -356,13 +354,16 @@ class GSDProposer:
                                         self.config.sibling_ratio,
                                         self.config.min_node_prob)
 
-    def _forward(self, batch: _DraftBatch) -> torch.Tensor:
+    def _forward(self, batch: _DraftBatch, logits_at: np.ndarray | None = None
+                 ) -> torch.Tensor:
         device = self.draft.device
         self.stats.draft_forward_passes += 1
         self.stats.draft_tokens += batch.num_queries
-        return self.draft.forward(self.kv, *(torch.from_numpy(array).to(device) for array in (
-            batch.tokens, batch.positions, batch.write_slots, batch.write_rows,
-            batch.read_slots, batch.read_rows, batch.attend)))
+        arrays = (batch.tokens, batch.positions, batch.write_slots, batch.write_rows,
+                  batch.read_slots, batch.read_rows, batch.attend)
+        if logits_at is not None:
+            arrays += (logits_at,)
+        return self.draft.forward(self.kv, *(torch.from_numpy(a).to(device) for a in arrays))
 
     def _candidates(self, logits: torch.Tensor) -> tuple[list, list]:
         """Top-k token ids and draft probabilities of every query, as nested
