@@ -36,7 +36,13 @@ finds drafting still not paying doubles the interval (up to
 MAX_PROBE_INTERVAL). The gain and the probe interval are kept per batch size
 (power-of-two buckets of decoding requests), since a larger batch leaves
 less spare compute for trees. The first `warmup_steps` verify full trees,
-so the cost model sees steps of many sizes before it decides.
+every other warm-up step (the rest draft nothing), so the cost model has
+measured steps with and without trees before it decides: from tree steps
+alone, whose shapes barely vary, it cannot tell what a plain step costs
+(seen at batch 16: 1 ms predicted for a 40 ms step, so drafting looked ten
+times too costly). The draft's time is learned from steady-state steps
+only (`GraphBudget.observe_draft`): the catch-up after a pause in drafting
+is a one-off, not what continuing to draft costs.
 
 Greedy output never depends on the budget (verification is exact). For
 sampled requests the budget changes which random numbers land on which
@@ -236,12 +242,23 @@ class GraphBudget:
         state = self._by_batch_size.setdefault(
             num_requests.bit_length(), _BatchSizeState(self.probe_interval))
         self._current = state
+        if self._warming_up():
+            return self._steps % 2 == 1
         state.steps_since_draft += 1
-        drafts = (self._warming_up() or state.gain is None or state.gain > 1.0
+        drafts = (state.gain is None or state.gain > 1.0
                   or state.steps_since_draft >= state.probe_interval)
         if drafts:
             state.steps_since_draft = 0
         return drafts
+
+    def observe_draft(self, num_requests: int, ms: float, longest_catch_up: int) -> None:
+        """The proposer's time for a step that drafted `num_requests`, the
+        longest of whose catch-ups fed `longest_catch_up` tokens. Counted
+        only in the steady state, where a request was drafted the step
+        before too and catches up on at most one accepted path, the root
+        and a bonus token."""
+        if longest_catch_up <= self.max_depth + 2:
+            self.costs.observe_draft(num_requests, ms)
 
     def _warming_up(self) -> bool:
         return self._steps <= self.warmup_steps

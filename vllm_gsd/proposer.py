@@ -215,7 +215,7 @@ class GSDProposer:
             drafting.append(_Drafting(req_id, tokens, graph, max_verify, greedy, pinned,
                                       self._num_cached.get(req_id, 0),
                                       self._paged_slots(req_id)))
-        new_prompts = False
+        longest_catch_up = 0
         if drafting:
             self.stats.draft_steps += 1
             self.kv.ensure_scratch_rows(1 + sum(
@@ -225,7 +225,7 @@ class GSDProposer:
                 d.first_row = next_row
                 d.scratch_rows = list(range(next_row, next_row + d.num_unpaged))
                 next_row += d.num_unpaged + self.config.max_draft_nodes
-            new_prompts = self._catch_up(drafting)
+            longest_catch_up = self._catch_up(drafting)
             for _ in range(1, self.config.max_depth):
                 growing = [d for d in drafting if d.frontier]
                 if not growing:
@@ -234,9 +234,8 @@ class GSDProposer:
         offers = [BudgetRequest(d.graph.unroll(d.max_verify, self.config.max_depth),
                                 d.greedy, d.pinned) for d in drafting]
         if self.budget is not None and drafting:
-            if not new_prompts:  # the steady state is what the budget weighs
-                self.budget.costs.observe_draft(len(drafting),
-                                                (time.perf_counter() - start) * 1e3)
+            self.budget.observe_draft(len(drafting), (time.perf_counter() - start) * 1e3,
+                                      longest_catch_up)
             choice = self.budget.choose(offers, num_decoding)
             for offer, kept in zip(offers, choice.kept):
                 self.stats.budget_cut_nodes += len(offer.tree) - len(kept)
@@ -294,9 +293,9 @@ class GSDProposer:
         size = self.kv.block_size
         return (block_ids[:, None] * size + np.arange(size)).ravel()
 
-    def _catch_up(self, drafting: list[_Drafting]) -> bool:
+    def _catch_up(self, drafting: list[_Drafting]) -> int:
         """Feeds each request's uncached accepted tokens; expands the roots.
-        Returns whether a long catch-up (a new prompt) ran on its own."""
+        Returns the most tokens one request fed."""
         for d in drafting:
             # A request whose tokens shrank (should not happen) restarts.
             if d.num_cached >= len(d.tokens):
@@ -305,7 +304,6 @@ class GSDProposer:
                  if len(d.tokens) - d.num_cached <= _BATCHED_CATCH_UP_LEN]
         groups = [short] if short else []
         groups += [[d] for d in drafting if d not in short]
-        new_prompts = len(short) < len(drafting)
         for group in groups:
             batch = _DraftBatch(group, [len(d.tokens) - d.num_cached for d in group])
             for b, d in enumerate(group):
@@ -327,7 +325,7 @@ class GSDProposer:
                 d.frontier = d.graph.expand([ROOT], top_tokens[b], top_probs[b],
                                             self.config.sibling_ratio,
                                             self.config.min_node_prob)
-        return new_prompts
+        return max(len(d.tokens) - d.num_cached for d in drafting)
 
     def _grow_level(self, growing: list[_Drafting]) -> None:
         """One draft forward over every request's frontier nodes."""
