@@ -253,6 +253,8 @@ class TreeDraftModel:
             own included).
         logits_at: [B], the one query per row whose logits are wanted (a
             catch-up needs only its last token's); None: every query's.
+            The last layer then attends and runs its MLP for those queries
+            only: the others need no output, only their K/V.
         Returns the draft's next-token logits, [B, Q or 1, head vocab]
         (columns are token ids unless `head_token_ids` maps them).
         """
@@ -265,6 +267,7 @@ class TreeDraftModel:
         write_blocks, write_offsets = write_slots // cache.block_size, write_slots % cache.block_size
         read_blocks, read_offsets = read_slots // cache.block_size, read_slots % cache.block_size
         x = w["embed_tokens.weight"][tokens]
+        rows = torch.arange(batch, device=x.device)
         for layer in range(self.num_layers):
             p = f"layers.{layer}."
             qkv = F.linear(self._rms_norm(x, w[p + "input_layernorm.weight"]), w[p + "qkv"])
@@ -273,6 +276,9 @@ class TreeDraftModel:
             k = k.view(batch, num_queries, self.num_kv_heads, self.head_dim).transpose(1, 2)
             v = v.view(batch, num_queries, self.num_kv_heads, self.head_dim)
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            if logits_at is not None and layer == self.num_layers - 1:
+                q = q[rows, :, logits_at][:, :, None]  # [B, H, 1, D]
+                x, mask = x[rows, logits_at][:, None], mask[rows, :, logits_at][:, :, None]
             new_kv = torch.stack((k.transpose(1, 2), v), dim=2)  # [B, Q, 2, kvH, D]
             pages, scratch = cache.pages[layer], cache.scratch[layer]
             # Advanced indices around a slice put [B, Q] first: [B, Q, 2, kvH, D].
@@ -283,11 +289,9 @@ class TreeDraftModel:
             attn = F.scaled_dot_product_attention(q, keys.transpose(1, 2),
                                                   values.transpose(1, 2),
                                                   attn_mask=mask, enable_gqa=True)
-            attn = attn.transpose(1, 2).reshape(batch, num_queries, -1)
+            attn = attn.transpose(1, 2).reshape(batch, x.shape[1], -1)
             x = x + F.linear(attn, w[p + "self_attn.o_proj.weight"])
             gate, up = F.linear(self._rms_norm(x, w[p + "post_attention_layernorm.weight"]),
                                 w[p + "gate_up"]).chunk(2, dim=-1)
             x = x + F.linear(F.silu(gate) * up, w[p + "mlp.down_proj.weight"])
-        if logits_at is not None:
-            x = x[torch.arange(batch, device=x.device), logits_at][:, None]
         return F.linear(self._rms_norm(x, w["norm.weight"]), w["lm_head.weight"])
