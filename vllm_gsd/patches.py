@@ -40,6 +40,7 @@ The patch points follow research/vllm_internals.md §7.2 (vLLM 0.32 V1 runner):
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 from collections.abc import Callable
@@ -470,8 +471,6 @@ def split_draft_layers(kv_cache_config: Any, draft_names: list[str]
     """The config without the draft's layers, which is what vLLM's attention
     set-up sees, and where each draft layer's pages are: its KVCacheTensor
     and index in that tensor's layers, in `draft_names` order."""
-    import copy
-
     from vllm.v1.kv_cache_interface import UniformTypeKVCacheSpecs
 
     config = copy.deepcopy(kv_cache_config)

@@ -169,10 +169,9 @@ class GSDProposer:
         return [f"{DRAFT_LAYER_PREFIX}{i}" for i in range(self.draft.num_layers)]
 
     def bind_kv_cache(self, pages: list[torch.Tensor], block_size: int) -> None:
-        """The draft's pages in vLLM's KV cache, one per layer (patches.py P9)."""
-        # Rows for every request's tree plus the root of each (see _Drafting).
-        rows = 1 + self.max_num_seqs * (self.config.max_draft_nodes + 1)
-        self.kv = DraftKVCache(pages, block_size, self.draft.new_scratch(rows))
+        """The draft's pages in vLLM's KV cache, one per layer (patches.py P9).
+        The scratch area starts with its SINK row and grows with the batch."""
+        self.kv = DraftKVCache(pages, block_size, self.draft.new_scratch(1))
         self._num_cached = {}
 
     def propose(self, sampled_token_ids: list[list[int]],
@@ -218,13 +217,12 @@ class GSDProposer:
         longest_catch_up = 0
         if drafting:
             self.stats.draft_steps += 1
-            self.kv.ensure_scratch_rows(1 + sum(
-                d.num_unpaged + self.config.max_draft_nodes for d in drafting))
             next_row = 1  # SINK stays free
             for d in drafting:
                 d.first_row = next_row
                 d.scratch_rows = list(range(next_row, next_row + d.num_unpaged))
                 next_row += d.num_unpaged + self.config.max_draft_nodes
+            self.kv.ensure_scratch_rows(next_row)
             longest_catch_up = self._catch_up(drafting)
             for _ in range(1, self.config.max_depth):
                 growing = [d for d in drafting if d.frontier]
