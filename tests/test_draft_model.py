@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_gsd.draft_model import SINK, TOKEN_COUNTS_FILE, DraftKVCache, TreeDraftModel
+from vllm_gsd.draft_model import (SINK, TOKEN_COUNTS_FILE, DenseKernels, DraftKVCache,
+                                  TreeDraftModel)
+from vllm_gsd.proposer import vllm_cpu_kernels
 
 transformers = pytest.importorskip("transformers")
 
@@ -49,9 +51,13 @@ BLOCK_SIZE = 4
 BLOCK_IDS = np.random.default_rng(0).permutation(np.arange(1, 65)).tolist()
 
 
-def runner(path, head_vocab: int = 0) -> TreeDraftModel:
+KERNELS = {"torch": DenseKernels, "vllm_cpu": vllm_cpu_kernels}
+"""The draft's dense ops: PyTorch's, and vLLM's that the proposer uses on CPU."""
+
+
+def runner(path, head_vocab: int = 0, kernels: str = "torch") -> TreeDraftModel:
     return TreeDraftModel(str(path), torch.float32, torch.device("cpu"),
-                          head_vocab=head_vocab)
+                          head_vocab=head_vocab, kernels=KERNELS[kernels]())
 
 
 def new_cache(draft: TreeDraftModel, num_tokens: int = 32) -> DraftKVCache:
@@ -81,10 +87,11 @@ def causal_logits(draft: TreeDraftModel, tokens: list[int],
         attend=torch.ones(n, n, dtype=torch.bool).tril()[None])[0]
 
 
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("tie", [True, False], ids=["tied_head", "separate_head"])
-def test_causal_forward_matches_transformers(tmp_path, tie):
+def test_causal_forward_matches_transformers(tmp_path, tie, kernels):
     model = tiny_llama(tmp_path, tie)
-    draft = runner(tmp_path)
+    draft = runner(tmp_path, kernels=kernels)
     tokens = [3, 17, 99, 42, 5, 64, 127, 8, 1, 30]
     torch.testing.assert_close(causal_logits(draft, tokens), hf_next_logits(model, tokens),
                                atol=ATOL, rtol=0)
@@ -125,12 +132,13 @@ def test_reduced_head_keeps_the_most_frequent_tokens_columns(tmp_path, tie):
                                atol=ATOL, rtol=0)
 
 
-def test_sibling_queries_each_see_only_their_own_branch(tmp_path):
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_sibling_queries_each_see_only_their_own_branch(tmp_path, kernels):
     """Two siblings at the same position (and a child of the first) in one
     pass, their K/V in scratch rows and the prefix's in pages, equal
     transformers run on each branch as a plain sequence."""
     model = tiny_llama(tmp_path, tie=True)
-    draft = runner(tmp_path)
+    draft = runner(tmp_path, kernels=kernels)
     prefix = [7, 21, 64, 3, 90, 11]
     m = len(prefix)
     cache = new_cache(draft)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -165,6 +166,38 @@ class DraftKVCache:
             self.scratch = self.scratch.new_zeros(shape)
 
 
+Linear = Callable[[torch.Tensor], torch.Tensor]
+"""x [..., in] -> x @ weight.T [..., out], for one fixed weight."""
+
+
+def torch_linear(weight: torch.Tensor) -> Linear:
+    return lambda x: F.linear(x, weight)
+
+
+def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+@dataclass(frozen=True)
+class DenseKernels:
+    """The dense operations of the draft's forward pass.
+
+    A draft pass multiplies a handful of rows by every weight, so it is
+    bound by how a GEMM reads its weight, not by arithmetic: PyTorch's
+    defaults are correct everywhere, and the glue layer may hand in kernels
+    that prepack the weights once (`vllm_gsd.proposer` does on CPU).
+    """
+
+    prepare_linear: Callable[[torch.Tensor], Linear] = torch_linear
+    """Called once per weight at load; the weight is not used afterwards."""
+    rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] = torch_rms_norm
+
+
+LINEAR_WEIGHTS = ("qkv", "self_attn.o_proj.weight", "gate_up", "mlp.down_proj.weight")
+"""Per-layer weights the forward pass multiplies by (after `_load_weights`
+fuses q/k/v and gate/up), under "layers.N."; plus "lm_head.weight"."""
+
+
 class TreeDraftModel:
     """Llama weights, evaluated over a `DraftKVCache`.
 
@@ -176,7 +209,7 @@ class TreeDraftModel:
     """
 
     def __init__(self, path: str, dtype: torch.dtype, device: torch.device,
-                 head_vocab: int = 0):
+                 head_vocab: int = 0, kernels: DenseKernels = DenseKernels()):
         cfg = read_draft_config(path)
         self.num_layers = cfg["num_hidden_layers"]
         self.num_heads = cfg["num_attention_heads"]
@@ -194,6 +227,12 @@ class TreeDraftModel:
             self.head_token_ids = frequent_token_ids(path, head_vocab).to(device)
             self.weights["lm_head.weight"] = (
                 self.weights["lm_head.weight"][self.head_token_ids].contiguous())
+        self._rms_norm = kernels.rms_norm
+        self.linears: dict[str, Linear] = {
+            name: kernels.prepare_linear(self.weights.pop(name))
+            for name in ["lm_head.weight"] + [f"layers.{layer}.{weight}"
+                                              for layer in range(self.num_layers)
+                                              for weight in LINEAR_WEIGHTS]}
         theta = cfg["rope_theta"]
         self.inv_freq = 1.0 / (theta ** (
             torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device)
@@ -221,9 +260,6 @@ class TreeDraftModel:
             weights[p + "gate_up"] = torch.cat([weights.pop(p + f"mlp.{x}_proj.weight")
                                                 for x in ("gate", "up")])
         return weights
-
-    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
 
     def _rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin: [B, 1, Q, head_dim] for positions [B, Q]."""
@@ -258,7 +294,7 @@ class TreeDraftModel:
         Returns the draft's next-token logits, [B, Q or 1, head vocab]
         (columns are token ids unless `head_token_ids` maps them).
         """
-        w = self.weights
+        w, linear = self.weights, self.linears
         batch, num_queries = tokens.shape
         mask = attend[:, None]  # broadcast over heads
         cos, sin = self._rope_tables(positions)
@@ -270,7 +306,7 @@ class TreeDraftModel:
         rows = torch.arange(batch, device=x.device)
         for layer in range(self.num_layers):
             p = f"layers.{layer}."
-            qkv = F.linear(self._rms_norm(x, w[p + "input_layernorm.weight"]), w[p + "qkv"])
+            qkv = linear[p + "qkv"](self._rms_norm(x, w[p + "input_layernorm.weight"], self.eps))
             q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
             q = q.view(batch, num_queries, self.num_heads, self.head_dim).transpose(1, 2)
             k = k.view(batch, num_queries, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -290,8 +326,9 @@ class TreeDraftModel:
                                                   values.transpose(1, 2),
                                                   attn_mask=mask, enable_gqa=True)
             attn = attn.transpose(1, 2).reshape(batch, x.shape[1], -1)
-            x = x + F.linear(attn, w[p + "self_attn.o_proj.weight"])
-            gate, up = F.linear(self._rms_norm(x, w[p + "post_attention_layernorm.weight"]),
-                                w[p + "gate_up"]).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, w[p + "mlp.down_proj.weight"])
-        return F.linear(self._rms_norm(x, w["norm.weight"]), w["lm_head.weight"])
+            x = x + linear[p + "self_attn.o_proj.weight"](attn)
+            gate, up = linear[p + "gate_up"](
+                self._rms_norm(x, w[p + "post_attention_layernorm.weight"], self.eps)
+            ).chunk(2, dim=-1)
+            x = x + linear[p + "mlp.down_proj.weight"](F.silu(gate) * up)
+        return linear["lm_head.weight"](self._rms_norm(x, w["norm.weight"], self.eps))

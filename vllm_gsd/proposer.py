@@ -39,7 +39,7 @@ from vllm.logger import init_logger
 from vllm_gsd.budget import (MAX_PROBE_INTERVAL, BudgetRequest, GraphBudget, StepCostModel,
                              StepShape)
 from vllm_gsd.config import GSDConfig
-from vllm_gsd.draft_model import SINK, DraftKVCache, TreeDraftModel
+from vllm_gsd.draft_model import SINK, DenseKernels, DraftKVCache, Linear, TreeDraftModel
 from vllm_gsd.graph import ROOT, FlatTree, TokenGraph
 from vllm_gsd.metrics import GSDStats
 
@@ -131,6 +131,33 @@ def plain_decoding_reason(params: SamplingParams) -> str | None:
     return None
 
 
+def vllm_cpu_kernels() -> DenseKernels:
+    """vLLM's CPU kernels for the draft's dense operations: the GEMM vLLM
+    picks for its own linear layers on this CPU (prepacked oneDNN or AMX
+    weights) and its RMSNorm. At draft sizes (a few rows, hidden 576, bf16)
+    they take a third to a half of PyTorch's time for the same values."""
+    from vllm import _custom_ops as ops
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    def prepare_linear(weight: torch.Tensor) -> Linear:
+        layer = torch.nn.Module()
+        layer.weight = torch.nn.Parameter(weight, requires_grad=False)
+        dispatch_cpu_unquantized_gemm(layer, remove_weight=True)
+
+        def linear(x: torch.Tensor) -> torch.Tensor:
+            rows = x.reshape(-1, x.shape[-1])
+            return layer.cpu_linear(rows, layer.weight, None).view(*x.shape[:-1], -1)
+        return linear
+
+    def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        ops.rms_norm(out, x, weight, eps)
+        return out
+
+    return DenseKernels(prepare_linear, rms_norm)
+
+
 class GSDProposer:
     """The `custom_class` proposer vLLM instantiates with the VllmConfig."""
 
@@ -159,8 +186,9 @@ class GSDProposer:
 
     def load_model(self, target_model: torch.nn.Module) -> None:
         device = next(target_model.parameters()).device
+        kernels = vllm_cpu_kernels() if device.type == "cpu" else DenseKernels()
         self.draft = TreeDraftModel(self.config.model, self.dtype, device,
-                                    self.config.draft_vocab_size)
+                                    self.config.draft_vocab_size, kernels)
         logger.info("GSD draft model %s loaded: %d layers", self.config.model,
                     self.draft.num_layers)
 
