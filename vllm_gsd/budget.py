@@ -35,14 +35,20 @@ is below 1 the steps do not draft at all, except a probe every
 finds drafting still not paying doubles the interval (up to
 MAX_PROBE_INTERVAL). The gain and the probe interval are kept per batch size
 (power-of-two buckets of decoding requests), since a larger batch leaves
-less spare compute for trees. The first `warmup_steps` verify full trees,
-every other warm-up step (the rest draft nothing), so the cost model has
-measured steps with and without trees before it decides: from tree steps
-alone, whose shapes barely vary, it cannot tell what a plain step costs
+less spare compute for trees. Every other step of the first `warmup_steps`
+drafts (the rest draft nothing), and its trees are cut at all, a quarter,
+half or three quarters of their nodes in turn, so the cost
+model has measured steps of every size before it decides. From whole trees
+alone, whose shapes barely vary, it cannot tell the cost of a plain step
 (seen at batch 16: 1 ms predicted for a 40 ms step, so drafting looked ten
-times too costly). The draft's time is learned from steady-state steps
-only (`GraphBudget.observe_draft`): the catch-up after a pause in drafting
-is a one-off, not what continuing to draft costs.
+times too costly) or of a small tree (seen at batch 1: a one-node tree
+predicted at 65 ms, a whole one at 51 ms, so no tree in between was ever
+chosen). The draft's time per step is the median of the last
+`DRAFT_TIME_WINDOW` steady-state draft steps at the batch size
+(`GraphBudget.observe_draft`): the catch-up after a pause in drafting is a
+one-off, not what continuing to draft costs, and a median shrugs off the
+first passes at a new shape (allocations, kernel set-up: 27 and 39 ms seen
+among 6 ms steps).
 
 Greedy output never depends on the budget (verification is exact). For
 sampled requests the budget changes which random numbers land on which
@@ -56,6 +62,8 @@ Pure NumPy; imports nothing from vLLM.
 from __future__ import annotations
 
 import heapq
+import statistics
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -65,7 +73,17 @@ from vllm_gsd.graph import FlatTree
 
 class RecursiveLeastSquares:
     """y ≈ w·x, refitted after every observation; old ones fade by
-    `forgetting` per observation (0.99: a window of about 100)."""
+    `forgetting` per observation (0.99: a window of about 100).
+
+    Robust: once `ROBUST_AFTER` observations are in, a residual is clipped
+    to `RESIDUAL_CLIP` times the running mean absolute residual, so a rare
+    slow step (the first at a new shape pays its kernels' set-up: 57 to
+    89 ms seen beside 33 to 50 ms steps) moves the fit no more than an
+    ordinary one.
+    """
+
+    ROBUST_AFTER = 8
+    RESIDUAL_CLIP = 3.0
 
     def __init__(self, num_features: int, forgetting: float,
                  prior_weights: np.ndarray, prior_variance: float):
@@ -74,15 +92,30 @@ class RecursiveLeastSquares:
         self._max_trace = num_features * prior_variance
         self.forgetting = forgetting
         self.num_observations = 0
+        self._abs_residuals = 0.0  # forgetting-weighted sum, and its weight:
+        self._residual_weight = 0.0
+
+    @property
+    def mean_abs_residual(self) -> float:
+        return self._abs_residuals / max(self._residual_weight, 1e-12)
 
     def predict(self, x: np.ndarray) -> float:
         return float(self.weights @ x)
 
     def update(self, x: np.ndarray, y: float) -> None:
         x = np.asarray(x, dtype=np.float64)
+        residual = y - self.weights @ x
+        if self.num_observations >= self.ROBUST_AFTER:
+            bound = self.RESIDUAL_CLIP * self.mean_abs_residual
+            residual = min(max(residual, -bound), bound)
+        # The scale from clipped residuals (an outlier cannot widen it), once
+        # the first observations have placed the fit near its data.
+        if self.num_observations >= self.ROBUST_AFTER // 2:
+            self._abs_residuals = self.forgetting * self._abs_residuals + abs(residual)
+            self._residual_weight = self.forgetting * self._residual_weight + 1.0
         px = self.covariance @ x
         gain = px / (self.forgetting + x @ px)
-        self.weights += gain * (y - self.weights @ x)
+        self.weights += gain * residual
         self.covariance = (self.covariance - np.outer(gain, px)) / self.forgetting
         # Forgetting inflates the directions no observation excites (a batch
         # that never varies): bounded, they cannot blow up.
@@ -190,9 +223,18 @@ class Choice:
     """Per request, the flat indices of the nodes to verify (ancestor-closed)."""
 
 
-MAX_PROBE_INTERVAL = 64
-"""Longest run of undrafted steps: a probe's draft catch-up then stays one
-batched pass (the proposer batches catch-ups of up to twice this length)."""
+WARMUP_TREE_FRACTIONS = (1.0, 0.25, 0.5, 0.75)
+"""Share of its nodes (by value) each warm-up tree step verifies, in turn."""
+
+DRAFT_TIME_WINDOW = 16
+"""Steady-state draft steps whose median is a batch size's draft time."""
+
+MAX_PROBE_INTERVAL = 256
+"""Longest run of undrafted steps. A probe costs several steps' worth of
+time (at batch 16 on the CPU: a catch-up pass, two draft passes and a tree
+step, about 50 ms over a 45 ms step), so where drafting clearly does not
+pay, probes must be rare to cost little; the catch-up work itself is the
+same however it is split."""
 
 
 @dataclass
@@ -205,6 +247,8 @@ class _BatchSizeState:
     """Running mean of (best rate with drafting) / (plain decoding's rate);
     None until a step at this batch size has drafted after the warm-up."""
     steps_since_draft: int = 0
+    draft_ms: deque = field(default_factory=lambda: deque(maxlen=DRAFT_TIME_WINDOW))
+    """Recent steady-state draft times (ms)."""
 
 
 @dataclass
@@ -213,7 +257,8 @@ class GraphBudget:
 
     max_depth: int
     warmup_steps: int = 16
-    """Steps measured with full trees before the budget chooses."""
+    """Steps that measure costs before the budget chooses: every other one
+    drafts, its trees cut by `WARMUP_TREE_FRACTIONS`."""
     probe_interval: int = 16
     """While drafting does not pay, every this many steps drafts anyway; each
     probe that confirms it doubles the interval, up to MAX_PROBE_INTERVAL."""
@@ -259,6 +304,20 @@ class GraphBudget:
         and a bonus token."""
         if longest_catch_up <= self.max_depth + 2:
             self.costs.observe_draft(num_requests, ms)
+            assert self._current is not None, "observe_draft() before next_step()"
+            self._current.draft_ms.append(ms)
+
+    def draft_ms(self, num_requests: int) -> float:
+        """The current batch size's draft time; before its first steady-state
+        draft step, the linear fit over all batch sizes."""
+        state = self._current
+        if state is not None and state.draft_ms:
+            return statistics.median(state.draft_ms)
+        return self.costs.draft_ms(num_requests)
+
+    def _warmup_tree_size(self, num_nodes: int) -> int:
+        fraction = WARMUP_TREE_FRACTIONS[(self._steps // 2) % len(WARMUP_TREE_FRACTIONS)]
+        return max(1, round(fraction * num_nodes)) if num_nodes else 0
 
     def _warming_up(self) -> bool:
         return self._steps <= self.warmup_steps
@@ -310,9 +369,10 @@ class GraphBudget:
             rows[k, 4] = max(rows[k - 1, 4], branches[i])
         step_ms = self.costs.step_ms_each(rows[:, 1:])
         rates = rows[:, 0] / step_ms
-        best = len(order) if self._warming_up() else int(np.argmax(rates))
+        best = (self._warmup_tree_size(len(order)) if self._warming_up()
+                else int(np.argmax(rates)))
         if order:
-            draft_ms = self.costs.draft_ms(len(requests))
+            draft_ms = self.draft_ms(len(requests))
             self._record_gain(
                 float(np.max(rows[1:, 0] / (step_ms[1:] + draft_ms))) / rates[0])
         for i, j, _ in order[:best]:

@@ -188,8 +188,7 @@ def _patch_model_runner() -> None:
                 step = build_tree_step(self, scheduler_output,
                                        trees_of_tp_rank_0(drafter.trees))
                 set_active_step(step)
-                drafter.target_step_started(tree_step_shape(
-                    step, scheduler_output.total_num_scheduled_tokens))
+                drafter.target_step_started(tree_step_shape(step, scheduler_output))
                 self._gsd_discarded_generator_states = discarded_cpu_generator_states(self)
             return result
         return _prepare_inputs

@@ -36,7 +36,7 @@ import torch
 
 from vllm.logger import init_logger
 
-from vllm_gsd.budget import (MAX_PROBE_INTERVAL, BudgetRequest, GraphBudget, StepCostModel,
+from vllm_gsd.budget import (BudgetRequest, GraphBudget, StepCostModel,
                              StepShape)
 from vllm_gsd.config import GSDConfig
 from vllm_gsd.draft_model import SINK, DenseKernels, DraftKVCache, Linear, TreeDraftModel
@@ -50,11 +50,11 @@ if TYPE_CHECKING:
 # Under "vllm." so vLLM's logging configuration (handlers, level) applies.
 logger = init_logger(f"vllm.{__name__}")
 
-# Catch-ups longer than this (a new prompt) run alone instead of padding the
-# whole batch to their length; shorter ones include the tokens of steps the
-# budget left undrafted (one per step, up to its longest probe interval)
-# after the tokens the last drafted step accepted.
-_BATCHED_CATCH_UP_LEN = 2 * MAX_PROBE_INTERVAL
+# Catch-ups run batched, each padded to its group's longest: a request joins
+# a group while that at most doubles its rows or adds at most this many, so
+# the steady state's 1-4 tokens and the hundreds after a pause in drafting
+# (up to MAX_PROBE_INTERVAL steps) or of a new prompt pad little.
+_CATCH_UP_PAD_SLACK = 8
 # vLLM's threshold for "temperature means greedy" (vllm/v1/sample/sampler.py).
 _SAMPLING_EPS = 1e-5
 
@@ -101,6 +101,11 @@ class _Drafting:
     @property
     def num_unpaged(self) -> int:
         return len(self.tokens) - self.paged_len
+
+    @property
+    def num_uncached(self) -> int:
+        """Accepted tokens the catch-up feeds (their draft K/V are not computed)."""
+        return len(self.tokens) - self.num_cached
 
 
 def plain_decoding_reason(params: SamplingParams) -> str | None:
@@ -287,7 +292,8 @@ class GSDProposer:
                 and verified.parents == offer.tree.parents[:len(verified)]):
             self.budget.observe_acceptance(offer, len(verified), path)
 
-    def target_step_started(self, shape: StepShape) -> None:
+    def target_step_started(self, shape: StepShape | None) -> None:
+        """shape None: the step is not measured (it has prompt tokens)."""
         if self.budget is not None:
             self._timing.start(shape, self.budget.costs)
 
@@ -326,12 +332,15 @@ class GSDProposer:
             # A request whose tokens shrank (should not happen) restarts.
             if d.num_cached >= len(d.tokens):
                 d.num_cached = 0
-        short = [d for d in drafting
-                 if len(d.tokens) - d.num_cached <= _BATCHED_CATCH_UP_LEN]
-        groups = [short] if short else []
-        groups += [[d] for d in drafting if d not in short]
+        groups: list[list[_Drafting]] = []  # each longest first
+        for d in sorted(drafting, key=lambda d: -d.num_uncached):
+            n = d.num_uncached
+            if groups and groups[-1][0].num_uncached <= max(2 * n, n + _CATCH_UP_PAD_SLACK):
+                groups[-1].append(d)
+            else:
+                groups.append([d])
         for group in groups:
-            batch = _DraftBatch(group, [len(d.tokens) - d.num_cached for d in group])
+            batch = _DraftBatch(group, [d.num_uncached for d in group])
             for b, d in enumerate(group):
                 positions = np.arange(d.num_cached, len(d.tokens))
                 n, paged = len(positions), d.paged_len
@@ -344,14 +353,14 @@ class GSDProposer:
                 unpaged = np.arange(paged, len(d.tokens))
                 batch.attend[b][:n, batch.num_paged + np.arange(len(unpaged))] = (
                     unpaged <= positions[:, None])
-            roots = np.array([len(d.tokens) - d.num_cached - 1 for d in group])
+            roots = np.array([d.num_uncached - 1 for d in group])
             top_tokens, top_probs = self._candidates(self._forward(batch, roots))
             for b, d in enumerate(group):
                 self._num_cached[d.req_id] = d.paged_len
                 d.frontier = d.graph.expand([ROOT], top_tokens[b], top_probs[b],
                                             self.config.sibling_ratio,
                                             self.config.min_node_prob)
-        return max(len(d.tokens) - d.num_cached for d in drafting)
+        return max(d.num_uncached for d in drafting)
 
     def _grow_level(self, growing: list[_Drafting]) -> None:
         """One draft forward over every request's frontier nodes."""
@@ -436,7 +445,7 @@ class _StepTiming:
     _ended: float | None = None
     _last_step_ms: float = 0.0
 
-    def start(self, shape: StepShape, costs: StepCostModel) -> None:
+    def start(self, shape: StepShape | None, costs: StepCostModel) -> None:
         now = time.perf_counter()
         if self._ended is not None:
             gap_ms = (now - self._ended) * 1e3
@@ -446,7 +455,8 @@ class _StepTiming:
         self._shape, self._started, self.draft_ms = shape, now, 0.0
 
     def finish(self, costs: StepCostModel) -> None:
-        if self._shape is None:
+        if self._shape is None:  # an unmeasured step: no gap after it either
+            self._ended = None
             return
         now = time.perf_counter()
         self._last_step_ms = (now - self._started) * 1e3

@@ -124,8 +124,16 @@ def build_tree_step(runner: Any, scheduler_output: Any,
                     stash_offset)
 
 
-def tree_step_shape(step: TreeStep | None, num_tokens: int) -> StepShape:
-    """What the budget's cost model needs to know of a target step."""
+def tree_step_shape(step: TreeStep | None, scheduler_output: Any) -> StepShape | None:
+    """What the budget's cost model needs to know of a target step; None for
+    a step with prompt tokens. The budget prices decode steps; a prefill's
+    cost grows with its prompt in ways a per-token line does not follow, and
+    fitted alongside it bends the line where the trees are priced."""
+    spec = scheduler_output.scheduled_spec_decode_tokens
+    if any(n != 1 + len(spec.get(req_id, ()))
+           for req_id, n in scheduler_output.num_scheduled_tokens.items()):
+        return None
+    num_tokens = scheduler_output.total_num_scheduled_tokens
     if step is None:
         return StepShape(num_tokens)
     return StepShape(num_tokens, len(step.requests),
