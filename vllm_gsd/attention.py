@@ -20,7 +20,7 @@ import torch
 
 from vllm.forward_context import get_forward_context
 
-from vllm_gsd.step import TreeStep
+from vllm_gsd.step import RowSelector, TreeStep
 
 _active_step: TreeStep | None = None
 
@@ -47,17 +47,27 @@ def tree_forward(stock_forward: Callable[..., torch.Tensor], impl: Any,
         return output
     slot_mapping = get_forward_context().slot_mapping[layer.layer_name]
     step.stash[layer.layer_name] = (
-        layer, key[step.stash_rows].clone(), value[step.stash_rows].clone(),
-        slot_mapping[step.stash_rows].clone())
+        layer, _copied(key, step.stash_rows), _copied(value, step.stash_rows),
+        _copied(slot_mapping, step.stash_rows))
     for wave in step.waves:
         impl.do_kv_cache_update(layer, key[wave.path_rows], value[wave.path_rows],
                                 kv_cache, slot_mapping[wave.path_slot_rows])
-        wave_output = output.new_empty((len(wave.query_rows), *output.shape[1:]))
-        stock_forward(impl, layer, query[wave.query_rows], key[wave.query_rows],
-                      value[wave.query_rows], kv_cache,
+        rows = wave.query_rows
+        if isinstance(rows, slice):  # a view: the kernel writes the rows in place
+            wave_output = output[rows]
+        else:
+            wave_output = output.new_empty((len(rows), *output.shape[1:]))
+        stock_forward(impl, layer, query[rows], key[rows], value[rows], kv_cache,
                       wave.metadata[layer.layer_name], wave_output, *args, **kwargs)
-        output[wave.query_rows] = wave_output
+        if not isinstance(rows, slice):
+            output[rows] = wave_output
     return output
+
+
+def _copied(tensor: torch.Tensor, rows: RowSelector) -> torch.Tensor:
+    """Those rows, in memory of their own (index tensors gather a copy already)."""
+    picked = tensor[rows]
+    return picked.clone() if isinstance(rows, slice) else picked
 
 
 def rewrite_accepted_kv(step: TreeStep, accepted: dict[int, list[int]]) -> None:
@@ -74,9 +84,9 @@ def rewrite_accepted_kv(step: TreeStep, accepted: dict[int, list[int]]) -> None:
             continue
         src += [offset + node for node in path]
         dst += [offset + depth for depth in range(len(path))]
-    if not src:
+    if not src or not step.stash:
         return
-    device = step.stash_rows.device
+    device = next(iter(step.stash.values()))[1].device
     src_rows = torch.tensor(src, device=device)
     dst_rows = torch.tensor(dst, device=device)
     for layer, keys, values, slots in step.stash.values():

@@ -53,15 +53,29 @@ class TreeRequest:
         return bool(self.off_first_branches)
 
 
+RowSelector = torch.Tensor | slice
+"""Rows of the step's token tensors: a slice where they are consecutive (a
+view: no gather, and a kernel writes through it; one request's branch
+usually is), else an index tensor. Replay selects rows once per layer and
+wave, so the difference is paid dozens of times a step."""
+
+
+def _row_selector(rows: list[int], device: torch.device) -> RowSelector:
+    first = rows[0] if rows else 0
+    if rows == list(range(first, first + len(rows))):
+        return slice(first, first + len(rows))
+    return torch.tensor(rows, dtype=torch.long, device=device)
+
+
 @dataclass
 class Wave:
     """One kernel call recomputing one off-first branch of several requests."""
 
-    query_rows: torch.Tensor
+    query_rows: RowSelector
     """[q] rows whose attention output is recomputed."""
-    path_rows: torch.Tensor
+    path_rows: RowSelector
     """[p] rows whose K/V are written for the pseudo-sequences."""
-    path_slot_rows: torch.Tensor
+    path_slot_rows: RowSelector
     """[p] rows whose KV slots receive them (positions root+1..root+depth)."""
     metadata: dict[str, Any] = field(default_factory=dict)
     """Attention metadata per layer name, built by each layer's own builder."""
@@ -71,7 +85,7 @@ class Wave:
 class TreeStep:
     requests: list[TreeRequest]
     waves: list[Wave]
-    stash_rows: torch.Tensor
+    stash_rows: RowSelector
     """[s] rows of every replayed request's nodes, stashed per layer for the
     K/V fix-up."""
     stash_offset: dict[int, int]
@@ -120,7 +134,7 @@ def build_tree_step(runner: Any, scheduler_output: Any,
     device = runner.positions.device
     waves = _plan_waves(runner, replayed, device)
     return TreeStep(requests, waves,
-                    torch.tensor(stash_rows, dtype=torch.long, device=device),
+                    _row_selector(stash_rows, device),
                     stash_offset)
 
 
@@ -167,19 +181,19 @@ def _plan_waves(runner: Any, replayed: list[TreeRequest],
             path_slot_rows += [r.root_row + 1 + k for k in range(len(path))]
             query_lens.append(len(run))
             seq_lens.append(r.root_position + 1 + len(path))
-        as_rows = lambda rows: torch.tensor(rows, dtype=torch.long, device=device)
-        wave = Wave(as_rows(query_rows), as_rows(path_rows), as_rows(path_slot_rows))
+        wave = Wave(_row_selector(query_rows, device), _row_selector(path_rows, device),
+                    _row_selector(path_slot_rows, device))
         _build_wave_metadata(runner, wave, [r.batch_index for r in members],
-                             query_lens, seq_lens)
+                             query_lens, seq_lens, device)
         waves.append(wave)
     return waves
 
 
 def _build_wave_metadata(runner: Any, wave: Wave, batch_indices: list[int],
-                         query_lens: list[int], seq_lens: list[int]) -> None:
+                         query_lens: list[int], seq_lens: list[int],
+                         device: torch.device) -> None:
     """Metadata for the wave's pseudo-requests, from each layer's own builder,
     so the wave runs through the very kernel (and ISA) of the main pass."""
-    device = wave.query_rows.device
     query_start_cpu = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
     query_start_cpu[1:] = torch.tensor(query_lens).cumsum(0)
     num_reqs = runner.input_batch.num_reqs
