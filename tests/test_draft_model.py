@@ -13,7 +13,7 @@ import torch
 
 from vllm_gsd.draft_model import (SINK, TOKEN_COUNTS_FILE, DenseKernels, DraftKVCache,
                                   TreeDraftModel)
-from vllm_gsd.proposer import vllm_cpu_kernels
+from vllm_gsd.patches import vllm_cpu_kernels
 
 transformers = pytest.importorskip("transformers")
 

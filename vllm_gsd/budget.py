@@ -230,11 +230,11 @@ DRAFT_TIME_WINDOW = 16
 """Steady-state draft steps whose median is a batch size's draft time."""
 
 MAX_PROBE_INTERVAL = 256
-"""Longest run of undrafted steps. A probe costs several steps' worth of
-time (at batch 16 on the CPU: a catch-up pass, two draft passes and a tree
-step, about 50 ms over a 45 ms step), so where drafting clearly does not
-pay, probes must be rare to cost little; the catch-up work itself is the
-same however it is split."""
+"""Longest run of undrafted steps. A probe costs about a step's worth of
+time (at batch 16 on the CPU: a catch-up pass, two draft passes over 16
+requests and a tree step, beside a 45 ms step), so where drafting clearly
+does not pay, probes must be rare to cost little; the catch-up work itself
+is the same however it is split."""
 
 
 @dataclass

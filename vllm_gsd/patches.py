@@ -36,6 +36,9 @@ The patch points follow research/vllm_internals.md §7.2 (vLLM 0.32 V1 runner):
      share its block table. GPUModelRunner.initialize_kv_cache takes them
      out of the config before vLLM's attention set-up (they are no attention
      modules) and hands the proposer views of their pages.
+  P10 The draft's dense kernels on CPU (`vllm_cpu_kernels`): not a patch
+     but a use of vLLM's internal CPU GEMM dispatch and RMSNorm op, checked
+     the same way.
 """
 
 from __future__ import annotations
@@ -517,3 +520,54 @@ def draft_pages(storage: torch.Tensor, tensor: Any, index: int, num_blocks: int,
     pages = storage.as_strided((num_blocks, page_bytes), (tensor.block_stride, 1),
                                tensor.offset + index * tensor.layer_stride)
     return pages.view(draft.dtype).view(num_blocks, *shape)
+
+
+# P10 --------------------------------------------------------------------
+
+def vllm_cpu_kernels() -> Any:
+    """vLLM's CPU kernels for the draft's dense operations
+    (`vllm_gsd.draft_model.DenseKernels`): the GEMM vLLM picks for its own
+    linear layers on this CPU (prepacked oneDNN or AMX weights,
+    vllm/model_executor/layers/utils.py dispatch_cpu_unquantized_gemm) and
+    its RMSNorm. At draft sizes (a few rows, hidden 576, bf16) they take a
+    third to two thirds of PyTorch's time for the same values."""
+    from vllm import _custom_ops as ops
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    from vllm_gsd.draft_model import DenseKernels, Linear
+
+    _expect_parameters(dispatch_cpu_unquantized_gemm, ("layer", "remove_weight"))
+    _expect_parameters(ops.rms_norm, ("out", "input", "weight", "epsilon"))
+
+    def prepare_linear(weight: torch.Tensor) -> Linear:
+        layer = torch.nn.Module()
+        layer.weight = torch.nn.Parameter(weight, requires_grad=False)
+        dispatch_cpu_unquantized_gemm(layer, remove_weight=True)
+        if not callable(getattr(layer, "cpu_linear", None)):
+            raise RuntimeError("vllm-gsd: dispatch_cpu_unquantized_gemm set no "
+                               "cpu_linear; this vLLM version is not supported.")
+
+        def linear(x: torch.Tensor) -> torch.Tensor:
+            rows = x.reshape(-1, x.shape[-1])
+            num_rows = rows.shape[0]
+            # oneDNN builds a kernel per row count and keeps 32 per weight
+            # shape, shared with the target's layers of the same shape (the
+            # bundled draft has the target's width): a draft feeding every
+            # row count from 1 to hundreds evicts the target's, and each
+            # rebuild costs about a millisecond. Powers of two keep the
+            # draft to a handful; the padding rows are nearly free while a
+            # GEMM over a few rows is bound by reading its weight.
+            padded = 1 << (num_rows - 1).bit_length()
+            if padded != num_rows:
+                rows = torch.cat([rows, rows.new_zeros(padded - num_rows, rows.shape[1])])
+            out = layer.cpu_linear(rows, layer.weight, None)[:num_rows]
+            return out.view(*x.shape[:-1], -1)
+        return linear
+
+    def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        ops.rms_norm(out, x, weight, eps)
+        return out
+
+    return DenseKernels(prepare_linear, rms_norm)

@@ -39,9 +39,10 @@ from vllm.logger import init_logger
 from vllm_gsd.budget import (BudgetRequest, GraphBudget, StepCostModel,
                              StepShape)
 from vllm_gsd.config import GSDConfig
-from vllm_gsd.draft_model import SINK, DenseKernels, DraftKVCache, Linear, TreeDraftModel
+from vllm_gsd.draft_model import SINK, DenseKernels, DraftKVCache, TreeDraftModel
 from vllm_gsd.graph import ROOT, FlatTree, TokenGraph
 from vllm_gsd.metrics import GSDStats
+from vllm_gsd.patches import vllm_cpu_kernels
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -134,33 +135,6 @@ def plain_decoding_reason(params: SamplingParams) -> str | None:
     if params.allowed_token_ids:
         return "allowed_token_ids"
     return None
-
-
-def vllm_cpu_kernels() -> DenseKernels:
-    """vLLM's CPU kernels for the draft's dense operations: the GEMM vLLM
-    picks for its own linear layers on this CPU (prepacked oneDNN or AMX
-    weights) and its RMSNorm. At draft sizes (a few rows, hidden 576, bf16)
-    they take a third to a half of PyTorch's time for the same values."""
-    from vllm import _custom_ops as ops
-    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
-
-    def prepare_linear(weight: torch.Tensor) -> Linear:
-        layer = torch.nn.Module()
-        layer.weight = torch.nn.Parameter(weight, requires_grad=False)
-        dispatch_cpu_unquantized_gemm(layer, remove_weight=True)
-
-        def linear(x: torch.Tensor) -> torch.Tensor:
-            rows = x.reshape(-1, x.shape[-1])
-            return layer.cpu_linear(rows, layer.weight, None).view(*x.shape[:-1], -1)
-        return linear
-
-    def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        x = x.contiguous()
-        out = torch.empty_like(x)
-        ops.rms_norm(out, x, weight, eps)
-        return out
-
-    return DenseKernels(prepare_linear, rms_norm)
 
 
 class GSDProposer:
