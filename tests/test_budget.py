@@ -220,6 +220,22 @@ def test_each_batch_size_keeps_its_own_gain():
     assert budget.next_step(1) and not budget.next_step(16)
 
 
+def test_one_good_probe_resumes_drafting():
+    """While drafting is off only probes measure the gain, one step in up
+    to 256: each must count, or a gain just under 1 stays there."""
+    budget = trained_budget(ms_per_token=4.0, fixed_ms=40.0, ms_per_branch=0.0)
+    poor = [BudgetRequest(FlatTree((1,), (-1,), (1,), (0.1,)), greedy=True)]
+    for _ in range(3):
+        choose(budget, poor, base_tokens=1)
+    assert 0.8 < budget.draft_gain < 1.0
+    while not budget.next_step(1):
+        pass
+    # This probe's tree pays 1.28x: weighed 1 in 10 it would leave 0.98.
+    fair = FlatTree(TREE.tokens, TREE.parents, TREE.depths, (0.4, 0.2, 0.1, 0.05, 0.1, 0.05))
+    budget.choose([BudgetRequest(fair, greedy=True)], base_tokens=1)
+    assert budget.draft_gain > 1.0 and budget.next_step(1)
+
+
 def test_one_poor_step_does_not_stop_drafting():
     budget = trained_budget(ms_per_token=1.0, fixed_ms=40.0)
     unsure = FlatTree((1,), (-1,), (1,), (0.01,))

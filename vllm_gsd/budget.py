@@ -15,13 +15,14 @@ probability; `AcceptanceCalibration` corrects it per depth (and separately
 for greedy and sampled requests) with the running ratio
 accepted nodes / sum of p over verified nodes at that depth.
 
-Cost. `StepCostModel` fits the measured time of a step, linear in the
-step's target tokens, its requests verified with a tree (the tree path's
-per-request work: positions, replay planning, the acceptance walk), its
-replayed branches and its replay waves (kernel calls), by recursive least
-squares with forgetting, so it follows the operating point. The draft's
-time per step is fitted on the number of requests drafted, and the time
-between steps (scheduler, output processing) is a running mean.
+Cost. `StepCostModel` fits the measured time of a decode step, linear in
+the step's target tokens, its requests verified with a tree (the tree
+path's per-request work: positions, replay planning, the acceptance walk),
+its replayed branches and its replay waves (kernel calls), by recursive
+least squares with forgetting (and clipped residuals), so it follows the
+operating point. The draft's time per step is measured per batch size (see
+below), and the time between steps (scheduler, output processing) is a
+running mean.
 
 Choice. Nodes enter in order of calibrated value, a node only after its
 parent (so every prefix of the order is a valid set of trees); for every
@@ -33,7 +34,8 @@ steps (one step's tree says little about the next one's); while that gain
 is below 1 the steps do not draft at all, except a probe every
 `probe_interval` steps, which keeps the estimate current; each probe that
 finds drafting still not paying doubles the interval (up to
-MAX_PROBE_INTERVAL). The gain and the probe interval are kept per batch size
+MAX_PROBE_INTERVAL), and weighs more in the average than a drafting step
+does. The gain and the probe interval are kept per batch size
 (power-of-two buckets of decoding requests), since a larger batch leaves
 less spare compute for trees. Every other step of the first `warmup_steps`
 drafts (the rest draft nothing), and its trees are cut at all, a quarter,
@@ -263,7 +265,10 @@ class GraphBudget:
     """While drafting does not pay, every this many steps drafts anyway; each
     probe that confirms it doubles the interval, up to MAX_PROBE_INTERVAL."""
     gain_decay: float = 0.9
-    """Weight of the past in the running gain of drafting."""
+    """Weight of the past in the running gain while drafting pays (every
+    step drafts and measures it)."""
+    probe_gain_decay: float = 0.5
+    """Weight of the past when a probe measures the gain."""
     costs: StepCostModel = field(default_factory=StepCostModel)
     calibration: AcceptanceCalibration = field(init=False)
     _by_batch_size: dict[int, _BatchSizeState] = field(default_factory=dict)
@@ -331,7 +336,13 @@ class GraphBudget:
             state.gain = gain
             return
         was_paying = state.gain > 1.0
-        state.gain = self.gain_decay * state.gain + (1 - self.gain_decay) * gain
+        # A probe is one step in up to MAX_PROBE_INTERVAL: weighed like a
+        # drafting step's, the few of them could not lift a noisy gain back
+        # over 1 for hundreds of steps (seen at batch 1, where whole trees
+        # gave 1.15x while the budget hardly drafted). Drafting that resumes
+        # wrongly costs little: every step then measures the gain.
+        decay = self.gain_decay if was_paying else self.probe_gain_decay
+        state.gain = decay * state.gain + (1 - decay) * gain
         if state.gain > 1.0:
             state.probe_interval = self.probe_interval
         elif not was_paying:
