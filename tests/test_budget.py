@@ -16,11 +16,11 @@ TREE = FlatTree(tokens=(10, 11, 12, 13, 20, 21), parents=(-1, 0, 1, 0, -1, 4),
 
 
 def trained_budget(ms_per_token: float, fixed_ms: float, ms_per_branch: float = 0.5,
-                   ms_per_tree: float = 0.0, draft_ms: float = 3.0,
+                   ms_per_tree: float = 0.0, draft_level_ms: tuple = (1.0, 1.0, 1.0),
                    steps: int = 200) -> GraphBudget:
     """A budget whose cost model has measured hardware where a step costs
     fixed_ms + ms_per_token * tokens + ms_per_tree * trees
-    + ms_per_branch * branches."""
+    + ms_per_branch * branches, and drafting level l costs draft_level_ms[l]."""
     budget = GraphBudget(max_depth=3, warmup_steps=0, probe_interval=10**9)
     rng = np.random.default_rng(0)
     for _ in range(steps):
@@ -29,7 +29,8 @@ def trained_budget(ms_per_token: float, fixed_ms: float, ms_per_branch: float = 
         budget.costs.observe_target(shape, fixed_ms + ms_per_token * shape.tokens
                                     + ms_per_tree * shape.trees
                                     + ms_per_branch * shape.branches)
-        budget.costs.observe_draft(int(rng.integers(1, 32)), draft_ms)
+        for level, ms in enumerate(draft_level_ms):
+            budget.costs.observe_draft(level, int(rng.integers(1, 32)), ms)
     return budget
 
 
@@ -167,16 +168,17 @@ def test_draft_time_is_learned_from_steady_state_steps_only():
     (allocations, kernel set-up); each batch size has its own."""
     budget = GraphBudget(max_depth=3)
     budget.next_step(16)
-    budget.observe_draft(16, 40.0, longest_catch_up=2)
+    budget.observe_draft(16, [40.0, 9.0, 9.0], longest_catch_up=2)
     for _ in range(50):
-        budget.observe_draft(16, 10.0, longest_catch_up=5)
-        budget.observe_draft(16, 60.0, longest_catch_up=6)
-    budget.observe_draft(16, 40.0, longest_catch_up=2)
+        budget.observe_draft(16, [6.0, 2.0, 2.0], longest_catch_up=5)
+        budget.observe_draft(16, [60.0, 9.0, 9.0], longest_catch_up=6)
+    budget.observe_draft(16, [40.0, 9.0, 9.0], longest_catch_up=2)
     assert budget.draft_ms(16) == pytest.approx(10.0)
+    assert budget.draft_ms(16, levels=1) == pytest.approx(6.0)
     budget.next_step(1)
     for _ in range(5):
-        budget.observe_draft(1, 5.0, longest_catch_up=3)
-    assert budget.draft_ms(1) == pytest.approx(5.0)
+        budget.observe_draft(1, [3.0, 1.0], longest_catch_up=3)
+    assert budget.draft_ms(1, levels=2) == pytest.approx(4.0)
 
 
 def test_warmup_tries_trees_of_every_size():
@@ -224,6 +226,7 @@ def test_one_good_probe_resumes_drafting():
     """While drafting is off only probes measure the gain, one step in up
     to 256: each must count, or a gain just under 1 stays there."""
     budget = trained_budget(ms_per_token=4.0, fixed_ms=40.0, ms_per_branch=0.0)
+    budget.probe_interval = 16
     poor = [BudgetRequest(FlatTree((1,), (-1,), (1,), (0.1,)), greedy=True)]
     for _ in range(3):
         choose(budget, poor, base_tokens=1)
@@ -255,3 +258,37 @@ def test_calibration_learns_the_acceptance_per_depth():
     assert calibration.value(0.5, 1, greedy=True) == pytest.approx(1.0, abs=0.01)
     assert calibration.value(0.25, 2, greedy=True) == pytest.approx(0.0, abs=0.01)
     assert calibration.value(0.5, 1, greedy=False) == 0.5  # sampled: prior only
+
+
+@pytest.mark.parametrize("draft_level_ms, best_levels", [
+    ((1.0, 1.0, 1.0), 3),  # cheap levels: the deep nodes pay for theirs
+    ((1.0, 20.0, 20.0), 1),  # each further pass costs more than it earns
+])
+def test_the_draft_depth_follows_what_each_level_costs(draft_level_ms, best_levels):
+    # Tokens and branches are free: a tree's value is all it adds, and its
+    # draft passes are all it costs.
+    budget = trained_budget(ms_per_token=0.0, fixed_ms=40.0, ms_per_branch=0.0,
+                            draft_level_ms=draft_level_ms)
+    assert budget.next_step(1) == 3  # every depth is measured first
+    budget.choose([BudgetRequest(TREE, greedy=True)], base_tokens=1)
+    for _ in range(3):
+        assert budget.next_step(1) == best_levels
+        budget.choose([BudgetRequest(TREE, greedy=True)], base_tokens=1)
+        assert budget.draft_gain > 1.0
+
+
+def test_a_shallow_draft_still_measures_the_deeper_levels():
+    """While one level pays best, every probe_interval-th step drafts all
+    levels, so that the deeper levels' gains follow the acceptance."""
+    budget = trained_budget(ms_per_token=0.0, fixed_ms=40.0, ms_per_branch=0.0,
+                            draft_level_ms=(1.0, 20.0, 20.0))
+    budget.probe_interval = 4
+    budget.next_step(1)
+    budget.choose([BudgetRequest(TREE, greedy=True)], base_tokens=1)
+    depths = []
+    for _ in range(12):
+        depths.append(budget.next_step(1))
+        budget.choose([BudgetRequest(TREE.subtree(
+            [j for j in range(len(TREE)) if TREE.depths[j] <= depths[-1]]), greedy=True)],
+            base_tokens=1)
+    assert depths == [1, 1, 1, 3] * 3

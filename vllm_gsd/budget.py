@@ -28,24 +28,32 @@ Choice. Nodes enter in order of calibrated value, a node only after its
 parent (so every prefix of the order is a valid set of trees); for every
 prefix length k the predicted rate is
     (requests + expected accepted nodes of the first k) / predicted step time,
-and the best k wins, k = 0 (no tree at all) included. The best rate with the
-draft's time added, over plain decoding's rate, is averaged over recent
-steps (one step's tree says little about the next one's); while that gain
-is below 1 the steps do not draft at all, except a probe every
-`probe_interval` steps, which keeps the estimate current; each probe that
-finds drafting still not paying doubles the interval (up to
-MAX_PROBE_INTERVAL), and weighs more in the average than a drafting step
-does. The gain and the probe interval are kept per batch size
+and the best k wins, k = 0 (no tree at all) included.
+
+Draft depth. Every draft level costs a pass of the draft model, so a
+shallow draft may pay where a deep one does not (on an AVX2 CPU in
+float32 a draft pass is about 4 ms beside a 55 ms target step, and a
+one-node chain pays 1.15x where whole depth-2 trees pay nothing). So for
+each depth d up to the one drafted, the best prefix of the nodes no deeper
+than d, with the time of drafting d levels added, over plain decoding's
+rate, is a gain, averaged per depth over recent steps (one step's tree
+says little about the next one's). The next steps draft the depth of the
+best gain; every `probe_interval` steps they draft all levels, so the
+deeper gains stay current. While no gain is above 1 the steps do not
+draft at all, except a probe (all levels) every `probe_interval` steps;
+each probe that finds drafting still not paying doubles the interval (up
+to MAX_PROBE_INTERVAL), and weighs more in the averages than a drafting
+step does. The gains and the probe interval are kept per batch size
 (power-of-two buckets of decoding requests), since a larger batch leaves
 less spare compute for trees. Every other step of the first `warmup_steps`
-drafts (the rest draft nothing), and its trees are cut at all, a quarter,
-half or three quarters of their nodes in turn, so the cost
+drafts all levels (the rest draft nothing), and its trees are cut at all,
+a quarter, half or three quarters of their nodes in turn, so the cost
 model has measured steps of every size before it decides. From whole trees
 alone, whose shapes barely vary, it cannot tell the cost of a plain step
 (seen at batch 16: 1 ms predicted for a 40 ms step, so drafting looked ten
 times too costly) or of a small tree (seen at batch 1: a one-node tree
 predicted at 65 ms, a whole one at 51 ms, so no tree in between was ever
-chosen). The draft's time per step is the median of the last
+chosen). The draft's time per level is the median of the last
 `DRAFT_TIME_WINDOW` steady-state draft steps at the batch size
 (`GraphBudget.observe_draft`): the catch-up after a pause in drafting is a
 one-off, not what continuing to draft costs, and a median shrugs off the
@@ -55,8 +63,8 @@ among 6 ms steps).
 Greedy output never depends on the budget (verification is exact). For
 sampled requests the budget changes which random numbers land on which
 token, which is still exact in distribution but would make a seeded
-request depend on timing; such requests are "pinned": always drafted, with
-their full trees.
+request depend on timing; such requests are "pinned": always drafted to
+the full depth, with their full trees.
 
 Pure NumPy; imports nothing from vLLM.
 """
@@ -159,14 +167,19 @@ class StepCostModel:
     def __init__(self, forgetting: float = 0.99):
         # Priors matter only until the first few steps are measured.
         self.target = RecursiveLeastSquares(5, forgetting, np.zeros(5), 1e4)
-        self.draft = RecursiveLeastSquares(2, forgetting, np.zeros(2), 1e4)
+        self._forgetting = forgetting
+        self.draft: dict[int, RecursiveLeastSquares] = {}
+        """Per draft level (0: the catch-up and everything but the later
+        passes; l: the l-th pass after it), its time linear in the requests."""
         self.gap_ms = 0.0
 
     def observe_target(self, shape: StepShape, ms: float) -> None:
         self.target.update(_cost_features(shape.as_array()[None])[0], ms)
 
-    def observe_draft(self, num_requests: int, ms: float) -> None:
-        self.draft.update(np.array([1.0, num_requests]), ms)
+    def observe_draft(self, level: int, num_requests: int, ms: float) -> None:
+        fit = self.draft.setdefault(level, RecursiveLeastSquares(
+            2, self._forgetting, np.zeros(2), 1e4))
+        fit.update(np.array([1.0, num_requests]), ms)
 
     def observe_gap(self, ms: float) -> None:
         self.gap_ms = self._GAP_DECAY * self.gap_ms + (1 - self._GAP_DECAY) * ms
@@ -177,8 +190,9 @@ class StepCostModel:
         predicted = _cost_features(shapes) @ self.target.weights
         return np.maximum(predicted, 1e-3) + self.gap_ms
 
-    def draft_ms(self, num_requests: int) -> float:
-        return max(self.draft.predict(np.array([1.0, num_requests])), 0.0)
+    def draft_level_ms(self, level: int, num_requests: int) -> float:
+        fit = self.draft.get(level)
+        return 0.0 if fit is None else max(fit.predict(np.array([1.0, num_requests])), 0.0)
 
 
 class AcceptanceCalibration:
@@ -242,20 +256,30 @@ is the same however it is split."""
 @dataclass
 class _BatchSizeState:
     """Whether drafting pays at one batch size (a power-of-two bucket of
-    decoding requests): its running gain, and how often to re-check it."""
+    decoding requests) and how deep: the running gain of each draft depth,
+    and how often to re-check them."""
 
     probe_interval: int
-    gain: float | None = None
-    """Running mean of (best rate with drafting) / (plain decoding's rate);
-    None until a step at this batch size has drafted after the warm-up."""
+    gains: dict[int, float] = field(default_factory=dict)
+    """Draft levels -> running mean of (best rate drafting that many levels)
+    / (plain decoding's rate). A depth is missing until a step at this
+    batch size has drafted at least that deep after the warm-up."""
+    measured_at: dict[int, int] = field(default_factory=dict)
+    """Draft levels -> the step that last measured its gain."""
     steps_since_draft: int = 0
-    draft_ms: deque = field(default_factory=lambda: deque(maxlen=DRAFT_TIME_WINDOW))
-    """Recent steady-state draft times (ms)."""
+    steps_since_full_depth: int = 0
+    draft_ms: dict[int, deque] = field(default_factory=dict)
+    """Per draft level (`GraphBudget.observe_draft`), recent steady-state
+    times (ms)."""
+
+    def best_levels(self) -> int:
+        return max(self.gains, key=self.gains.__getitem__)
 
 
 @dataclass
 class GraphBudget:
-    """Per-step choice of the nodes to verify; see the module docstring."""
+    """Per-step choice of the draft depth and of the nodes to verify; see
+    the module docstring."""
 
     max_depth: int
     warmup_steps: int = 16
@@ -263,16 +287,19 @@ class GraphBudget:
     drafts, its trees cut by `WARMUP_TREE_FRACTIONS`."""
     probe_interval: int = 16
     """While drafting does not pay, every this many steps drafts anyway; each
-    probe that confirms it doubles the interval, up to MAX_PROBE_INTERVAL."""
+    probe that confirms it doubles the interval, up to MAX_PROBE_INTERVAL.
+    While a shallower draft pays best, every this many steps drafts all
+    levels, so the deeper ones' gains stay current."""
     gain_decay: float = 0.9
-    """Weight of the past in the running gain while drafting pays (every
-    step drafts and measures it)."""
+    """Weight of the past in a depth's running gain when the step before
+    measured it too (drafting at that depth pays: every step measures it)."""
     probe_gain_decay: float = 0.5
-    """Weight of the past when a probe measures the gain."""
+    """Weight of the past when a probe measures a depth's gain."""
     costs: StepCostModel = field(default_factory=StepCostModel)
     calibration: AcceptanceCalibration = field(init=False)
     _by_batch_size: dict[int, _BatchSizeState] = field(default_factory=dict)
     _current: _BatchSizeState | None = None
+    _levels: int = 0
     _steps: int = 0
 
     def __post_init__(self) -> None:
@@ -280,12 +307,14 @@ class GraphBudget:
 
     @property
     def draft_gain(self) -> float | None:
-        """The running gain at the current step's batch size."""
-        return self._current.gain if self._current is not None else None
+        """The running gain of the best draft depth at the current step's
+        batch size."""
+        state = self._current
+        return state.gains[state.best_levels()] if state and state.gains else None
 
-    def next_step(self, num_requests: int) -> bool:
+    def next_step(self, num_requests: int) -> int:
         """Starts a draft step of `num_requests` decoding requests; returns
-        whether unpinned requests are drafted."""
+        how many levels unpinned requests are drafted (0: none)."""
         self._steps += 1
         # The gain of drafting falls as the batch grows (less spare compute):
         # each batch size keeps its own, so a change of load starts afresh.
@@ -293,32 +322,55 @@ class GraphBudget:
             num_requests.bit_length(), _BatchSizeState(self.probe_interval))
         self._current = state
         if self._warming_up():
-            return self._steps % 2 == 1
+            self._levels = self.max_depth if self._steps % 2 == 1 else 0
+            return self._levels
         state.steps_since_draft += 1
-        drafts = (state.gain is None or state.gain > 1.0
-                  or state.steps_since_draft >= state.probe_interval)
-        if drafts:
+        state.steps_since_full_depth += 1
+        if len(state.gains) < self.max_depth:  # a depth not measured yet
+            levels = self.max_depth
+        elif state.gains[state.best_levels()] > 1.0:
+            levels = state.best_levels()
+            if state.steps_since_full_depth >= self.probe_interval:
+                levels = self.max_depth
+        elif state.steps_since_draft >= state.probe_interval:
+            levels = self.max_depth
+        else:
+            levels = 0
+        if levels:
             state.steps_since_draft = 0
-        return drafts
+        if levels == self.max_depth:
+            state.steps_since_full_depth = 0
+        self._levels = levels
+        return levels
 
-    def observe_draft(self, num_requests: int, ms: float, longest_catch_up: int) -> None:
+    def observe_draft(self, num_requests: int, level_ms: list[float],
+                      longest_catch_up: int) -> None:
         """The proposer's time for a step that drafted `num_requests`, the
-        longest of whose catch-ups fed `longest_catch_up` tokens. Counted
-        only in the steady state, where a request was drafted the step
-        before too and catches up on at most one accepted path, the root
-        and a bonus token."""
+        longest of whose catch-ups fed `longest_catch_up` tokens, by level:
+        level_ms[0] is all but the later draft passes (the catch-up, which
+        gives the first level, and building the graphs), level_ms[l] the
+        pass that grew level l + 1. Counted only in the steady state, where
+        a request was drafted the step before too and catches up on at most
+        one accepted path, the root and a bonus token."""
         if longest_catch_up <= self.max_depth + 2:
-            self.costs.observe_draft(num_requests, ms)
-            assert self._current is not None, "observe_draft() before next_step()"
-            self._current.draft_ms.append(ms)
+            state = self._current
+            assert state is not None, "observe_draft() before next_step()"
+            for level, ms in enumerate(level_ms):
+                self.costs.observe_draft(level, num_requests, ms)
+                state.draft_ms.setdefault(
+                    level, deque(maxlen=DRAFT_TIME_WINDOW)).append(ms)
 
-    def draft_ms(self, num_requests: int) -> float:
-        """The current batch size's draft time; before its first steady-state
-        draft step, the linear fit over all batch sizes."""
+    def draft_ms(self, num_requests: int, levels: int | None = None) -> float:
+        """The current batch size's time to draft `levels` levels (default:
+        all); a level not yet measured at this batch size takes the linear
+        fit over all batch sizes."""
         state = self._current
-        if state is not None and state.draft_ms:
-            return statistics.median(state.draft_ms)
-        return self.costs.draft_ms(num_requests)
+        total = 0.0
+        for level in range(self.max_depth if levels is None else levels):
+            recent = state.draft_ms.get(level) if state is not None else None
+            total += (statistics.median(recent) if recent
+                      else self.costs.draft_level_ms(level, num_requests))
+        return total
 
     def _warmup_tree_size(self, num_nodes: int) -> int:
         fraction = WARMUP_TREE_FRACTIONS[(self._steps // 2) % len(WARMUP_TREE_FRACTIONS)]
@@ -327,25 +379,30 @@ class GraphBudget:
     def _warming_up(self) -> bool:
         return self._steps <= self.warmup_steps
 
-    def _record_gain(self, gain: float) -> None:
+    def _record_gains(self, gains: dict[int, float]) -> None:
         state = self._current
         assert state is not None, "choose() before next_step()"
-        if self._warming_up():
+        if self._warming_up() or not gains:
             return  # the cost model has not seen enough steps to predict yet
-        if state.gain is None:
-            state.gain = gain
-            return
-        was_paying = state.gain > 1.0
-        # A probe is one step in up to MAX_PROBE_INTERVAL: weighed like a
-        # drafting step's, the few of them could not lift a noisy gain back
-        # over 1 for hundreds of steps (seen at batch 1, where whole trees
-        # gave 1.15x while the budget hardly drafted). Drafting that resumes
-        # wrongly costs little: every step then measures the gain.
-        decay = self.gain_decay if was_paying else self.probe_gain_decay
-        state.gain = decay * state.gain + (1 - decay) * gain
-        if state.gain > 1.0:
+        first = not state.gains
+        was_paying = not first and state.gains[state.best_levels()] > 1.0
+        for levels, gain in gains.items():
+            if levels not in state.gains:
+                state.gains[levels] = gain
+            else:
+                # A probe is one step in up to MAX_PROBE_INTERVAL: weighed
+                # like a drafting step's, the few of them could not lift a
+                # noisy gain back over 1 for hundreds of steps (seen at batch
+                # 1, where whole trees gave 1.15x while the budget hardly
+                # drafted). Drafting that resumes wrongly costs little:
+                # every step then measures the gain.
+                consecutive = state.measured_at.get(levels) == self._steps - 1
+                decay = self.gain_decay if consecutive else self.probe_gain_decay
+                state.gains[levels] = decay * state.gains[levels] + (1 - decay) * gain
+            state.measured_at[levels] = self._steps
+        if state.gains[state.best_levels()] > 1.0:
             state.probe_interval = self.probe_interval
-        elif not was_paying:
+        elif not (was_paying or first):
             state.probe_interval = min(2 * state.probe_interval, MAX_PROBE_INTERVAL)
 
     def choose(self, requests: list[BudgetRequest], base_tokens: int) -> Choice:
@@ -356,36 +413,50 @@ class GraphBudget:
         """
         run_starts = [r.tree.run_starts() for r in requests]
         chosen: list[list[int]] = [[] for _ in requests]
-        branches = [0] * len(requests)
-        expected = float(len(requests))
+        pinned_branches = [0] * len(requests)
+        pinned_expected = float(len(requests))
         for i, r in enumerate(requests):
             if r.pinned:
                 chosen[i] = list(range(len(r.tree)))
-                branches[i] = len(run_starts[i] - {0})
-                expected += sum(self._value(r, j) for j in chosen[i])
+                pinned_branches[i] = len(run_starts[i] - {0})
+                pinned_expected += sum(self._value(r, j) for j in chosen[i])
+
+        def prefix_rows(order: list[tuple[int, int, float]]) -> np.ndarray:
+            """Row k: the step with the first k nodes of `order` added, as
+            (expected tokens, tokens, trees, branches, waves)."""
+            rows = np.zeros((len(order) + 1, 5))
+            has_tree = [bool(c) for c in chosen]
+            branches = list(pinned_branches)
+            rows[0] = [pinned_expected, base_tokens + sum(map(len, chosen)),
+                       sum(has_tree), sum(branches), max(branches, default=0)]
+            for k, (i, j, value) in enumerate(order, start=1):
+                # Replay recomputes every run but the first (`FlatTree.branches`);
+                # selection keeps a first child right after its parent.
+                is_branch = j != 0 and j in run_starts[i]
+                rows[k] = rows[k - 1] + [value, 1, not has_tree[i], is_branch, 0]
+                has_tree[i] = True
+                branches[i] += is_branch
+                rows[k, 4] = max(rows[k - 1, 4], branches[i])
+            return rows
+
         order = self._unpinned_nodes_by_value(requests)
-        # Row k: the step with the first k nodes of `order` added, as
-        # (expected tokens, tokens, trees, branches, waves).
-        rows = np.zeros((len(order) + 1, 5))
-        has_tree = [bool(c) for c in chosen]
-        rows[0] = [expected, base_tokens + sum(map(len, chosen)), sum(has_tree),
-                   sum(branches), max(branches, default=0)]
-        for k, (i, j, value) in enumerate(order, start=1):
-            # Replay recomputes every run but the first (`FlatTree.branches`);
-            # selection keeps a first child right after its parent.
-            is_branch = j != 0 and j in run_starts[i]
-            rows[k] = rows[k - 1] + [value, 1, not has_tree[i], is_branch, 0]
-            has_tree[i] = True
-            branches[i] += is_branch
-            rows[k, 4] = max(rows[k - 1, 4], branches[i])
+        rows = prefix_rows(order)
         step_ms = self.costs.step_ms_each(rows[:, 1:])
-        rates = rows[:, 0] / step_ms
+        plain_rate = rows[0, 0] / step_ms[0]
         best = (self._warmup_tree_size(len(order)) if self._warming_up()
-                else int(np.argmax(rates)))
-        if order:
-            draft_ms = self.draft_ms(len(requests))
-            self._record_gain(
-                float(np.max(rows[1:, 0] / (step_ms[1:] + draft_ms))) / rates[0])
+                else int(np.argmax(rows[:, 0] / step_ms)))
+        # The gain of drafting each depth up to this step's: the best prefix
+        # of its nodes, with the time of drafting that deep.
+        gains = {}
+        for levels in range(1, self._levels + 1):
+            shallow = [node for node in order
+                       if requests[node[0]].tree.depths[node[1]] <= levels]
+            if shallow:
+                shallow_rows = prefix_rows(shallow)[1:]
+                shallow_ms = (self.costs.step_ms_each(shallow_rows[:, 1:])
+                              + self.draft_ms(len(requests), levels))
+                gains[levels] = float(np.max(shallow_rows[:, 0] / shallow_ms)) / plain_rate
+        self._record_gains(gains)
         for i, j, _ in order[:best]:
             chosen[i].append(j)
         return Choice([sorted(c) for c in chosen])

@@ -21,8 +21,9 @@ One draft step for all requests together:
      root + depth; candidates merge into the graph (`TokenGraph.expand`);
   3. the graph unrolls into the verify tree (`TokenGraph.unroll`), and the
      adaptive budget (`vllm_gsd.budget`) keeps the nodes worth verifying on
-     this hardware at this batch size, possibly none; when even the best
-     tree does not pay for its drafting, the next step drafts nothing.
+     this hardware at this batch size, possibly none. The budget also sets
+     how many levels the next steps draft: the depth whose trees have paid
+     best for their draft passes, or none while no depth pays.
 """
 
 from __future__ import annotations
@@ -193,7 +194,8 @@ class GSDProposer:
         self._verifying = {}
         # Rows without a sampled token are prefill chunks or discarded.
         num_decoding = sum(1 for sampled in sampled_token_ids if sampled)
-        draft_unpinned = self.budget is None or self.budget.next_step(num_decoding)
+        levels = (self.config.max_depth if self.budget is None
+                  else self.budget.next_step(num_decoding))
         req_ids = self.runner.input_batch.req_ids
         self._num_cached = {r: self._num_cached[r] for r in req_ids if r in self._num_cached}
         drafting = []
@@ -206,7 +208,7 @@ class GSDProposer:
                 continue
             greedy = params.temperature < _SAMPLING_EPS
             pinned = not greedy and params.seed is not None
-            if not (draft_unpinned or pinned):
+            if not (levels or pinned):
                 self.stats.undrafted_by_budget += 1
                 continue
             num_tokens = int(num_tokens_no_spec[row])
@@ -222,6 +224,7 @@ class GSDProposer:
                                       self._num_cached.get(req_id, 0),
                                       self._paged_slots(req_id)))
         longest_catch_up = 0
+        level_ms = []
         if drafting:
             self.stats.draft_steps += 1
             next_row = 1  # SINK stays free
@@ -231,15 +234,20 @@ class GSDProposer:
                 next_row += d.num_unpaged + self.config.max_draft_nodes
             self.kv.ensure_scratch_rows(next_row)
             longest_catch_up = self._catch_up(drafting)
-            for _ in range(1, self.config.max_depth):
-                growing = [d for d in drafting if d.frontier]
+            for level in range(1, self.config.max_depth):
+                # Pinned trees are whole whatever the budget's depth.
+                growing = [d for d in drafting
+                           if d.frontier and (level < levels or d.pinned)]
                 if not growing:
                     break
+                level_start = time.perf_counter()
                 self._grow_level(growing)
+                level_ms.append((time.perf_counter() - level_start) * 1e3)
         offers = [BudgetRequest(d.graph.unroll(d.max_verify, self.config.max_depth),
                                 d.greedy, d.pinned) for d in drafting]
         if self.budget is not None and drafting:
-            self.budget.observe_draft(len(drafting), (time.perf_counter() - start) * 1e3,
+            total_ms = (time.perf_counter() - start) * 1e3
+            self.budget.observe_draft(len(drafting), [total_ms - sum(level_ms), *level_ms],
                                       longest_catch_up)
             choice = self.budget.choose(offers, num_decoding)
             for offer, kept in zip(offers, choice.kept):
