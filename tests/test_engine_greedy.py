@@ -83,21 +83,37 @@ def run(llm, calls) -> list[tuple]:
         outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
                                sampling, use_tqdm=False)
         results += [(tuple(o.outputs[0].token_ids), o.outputs[0].text,
-                     o.outputs[0].finish_reason, rounded_logprobs(o.outputs[0].logprobs),
-                     rounded_logprobs(o.prompt_logprobs))
+                     o.outputs[0].finish_reason, top_logprobs(o.outputs[0].logprobs),
+                     top_logprobs(o.prompt_logprobs))
                     for o in outputs]
     return results
 
 
-def rounded_logprobs(positions) -> tuple | None:
-    """Top logprobs per token, to 1e-4: the target computes tree rows in
-    other batch shapes than plain decoding, so float32 sums may differ in
-    the last bits; which tokens and their ranks may not."""
+LOGPROB_TOLERANCE = 1e-3
+"""The target computes tree rows in other batch shapes than plain decoding,
+so float32 sums may differ in the last bits (seen: 5e-5 on an AVX2 CPU,
+where a 4-decimal rounding then flipped); which tokens are the top ones may
+not differ."""
+
+
+def top_logprobs(positions) -> tuple | None:
+    """Per token: its top (token, logprob) pairs, by token id."""
     if positions is None:
         return None
     return tuple(None if position is None else
-                 tuple(sorted((token, round(lp.logprob, 4)) for token, lp in position.items()))
+                 tuple(sorted((token, lp.logprob) for token, lp in position.items()))
                  for position in positions)
+
+
+def same_logprobs(got: tuple | None, want: tuple | None) -> bool:
+    if got is None or want is None:
+        return got is want
+    return len(got) == len(want) and all(
+        (g is None and w is None) or (
+            g is not None and w is not None
+            and [token for token, _ in g] == [token for token, _ in w]
+            and all(abs(a - b) <= LOGPROB_TOLERANCE for (_, a), (_, b) in zip(g, w)))
+        for g, w in zip(got, want))
 
 
 def run_all(llm, names=None) -> dict[str, list[tuple]]:
@@ -115,7 +131,10 @@ def plain(target):
 def assert_same(gsd_outputs: dict, plain_outputs: dict) -> None:
     for name, outputs in gsd_outputs.items():
         for i, (got, want) in enumerate(zip(outputs, plain_outputs[name], strict=True)):
-            assert got == want, f"scenario {name}, output {i}: GSD {got} != plain {want}"
+            # (tokens, text, finish reason) exactly; logprobs to float noise.
+            assert (got[:3] == want[:3] and same_logprobs(got[3], want[3])
+                    and same_logprobs(got[4], want[4])), (
+                f"scenario {name}, output {i}: GSD {got} != plain {want}")
 
 
 def test_self_draft_matches_plain_in_every_scenario(target, plain):
