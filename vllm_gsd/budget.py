@@ -451,11 +451,15 @@ class GraphBudget:
         for levels in range(1, self._levels + 1):
             shallow = [node for node in order
                        if requests[node[0]].tree.depths[node[1]] <= levels]
-            if shallow:
+            if not shallow:
+                continue
+            if len(shallow) == len(order):  # every node: priced above already
+                shallow_rows, shallow_ms = rows[1:], step_ms[1:]
+            else:
                 shallow_rows = prefix_rows(shallow)[1:]
-                shallow_ms = (self.costs.step_ms_each(shallow_rows[:, 1:])
-                              + self.draft_ms(len(requests), levels))
-                gains[levels] = float(np.max(shallow_rows[:, 0] / shallow_ms)) / plain_rate
+                shallow_ms = self.costs.step_ms_each(shallow_rows[:, 1:])
+            shallow_ms = shallow_ms + self.draft_ms(len(requests), levels)
+            gains[levels] = float(np.max(shallow_rows[:, 0] / shallow_ms)) / plain_rate
         self._record_gains(gains)
         for i, j, _ in order[:best]:
             chosen[i].append(j)
