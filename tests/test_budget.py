@@ -95,6 +95,24 @@ def test_middle_cost_keeps_the_most_valuable_nodes_each_after_its_parent():
     TREE.subtree(choice.kept[0])  # closed under ancestors
 
 
+# A first child (.5) whose child (.25) is worth less than the root's second
+# child (.35): by value the sibling comes before the grandchild.
+SIBLING_BEFORE_GRANDCHILD = FlatTree(tokens=(10, 11, 20), parents=(-1, 0, -1),
+                                     depths=(1, 2, 1), probs=(0.5, 0.25, 0.35))
+
+
+@pytest.mark.parametrize("ms_per_branch, kept", [(15.0, [0, 1]), (0.0, [0, 1, 2])])
+def test_a_dear_replay_wave_makes_a_deeper_chain_beat_a_sibling(ms_per_branch, kept):
+    """Tokens cost 0.5 ms on a 50 ms step. If an off-first branch costs
+    15 ms (a replay wave on an AVX2 CPU), the chain of the first child and
+    its child (1.75 tokens in 51.5 ms) beats every prefix of the value order
+    (at best all three nodes: 2.1 in 67 ms); if branches are free, all three."""
+    budget = trained_budget(ms_per_token=0.5, fixed_ms=50.0, ms_per_branch=ms_per_branch)
+    choice = choose(budget, [BudgetRequest(SIBLING_BEFORE_GRANDCHILD, greedy=True)],
+                    base_tokens=1)
+    assert choice.kept == [kept]
+
+
 def test_batch_size_shrinks_the_tree_on_linear_hardware():
     # CPU-like: a step costs 40 ms + 2 ms per token. At batch 1 the tree's
     # best nodes pay; at batch 16 every extra token slows 16 requests.

@@ -28,7 +28,10 @@ Choice. Nodes enter in order of calibrated value, a node only after its
 parent (so every prefix of the order is a valid set of trees); for every
 prefix length k the predicted rate is
     (requests + expected accepted nodes of the first k) / predicted step time,
-and the best k wins, k = 0 (no tree at all) included.
+and the best k wins, k = 0 (no tree at all) included. The same order
+restricted to each request's first branch (chains, which need no replay
+wave) competes too: where a wave is dear, a second chain node can pay where
+a more valuable sibling does not.
 
 Draft depth. Every draft level costs a pass of the draft model, so a
 shallow draft may pay where a deep one does not (on an AVX2 CPU in
@@ -440,28 +443,45 @@ class GraphBudget:
             return rows
 
         order = self._unpinned_nodes_by_value(requests)
-        rows = prefix_rows(order)
-        step_ms = self.costs.step_ms_each(rows[:, 1:])
-        plain_rate = rows[0, 0] / step_ms[0]
-        best = (self._warmup_tree_size(len(order)) if self._warming_up()
-                else int(np.argmax(rows[:, 0] / step_ms)))
-        # The gain of drafting each depth up to this step's: the best prefix
-        # of its nodes, with the time of drafting that deep.
-        gains = {}
-        for levels in range(1, self._levels + 1):
-            shallow = [node for node in order
-                       if requests[node[0]].tree.depths[node[1]] <= levels]
-            if not shallow:
-                continue
-            if len(shallow) == len(order):  # every node: priced above already
-                shallow_rows, shallow_ms = rows[1:], step_ms[1:]
-            else:
-                shallow_rows = prefix_rows(shallow)[1:]
-                shallow_ms = self.costs.step_ms_each(shallow_rows[:, 1:])
-            shallow_ms = shallow_ms + self.draft_ms(len(requests), levels)
-            gains[levels] = float(np.max(shallow_rows[:, 0] / shallow_ms)) / plain_rate
+        # Every off-first branch costs a replay wave (on an AVX2 CPU about
+        # 12 ms beside a 55 ms step), so a deeper chain can beat a more
+        # valuable sibling, a node set no prefix of the value order holds:
+        # the prefixes of each request's first branch alone compete too.
+        candidates = [order]
+        first_branch_ends = [min(starts - {0}, default=len(r.tree))
+                             for r, starts in zip(requests, run_starts)]
+        first_branch = [node for node in order if node[1] < first_branch_ends[node[0]]]
+        if len(first_branch) < len(order):
+            candidates.append(first_branch)
+        best_rate, best_nodes = -1.0, []
+        gains: dict[int, float] = {}
+        for nodes in candidates:
+            rows = prefix_rows(nodes)
+            step_ms = self.costs.step_ms_each(rows[:, 1:])
+            rates = rows[:, 0] / step_ms
+            plain_rate = rates[0]
+            k = int(np.argmax(rates))
+            if rates[k] > best_rate:
+                best_rate, best_nodes = rates[k], nodes[:k]
+            # The gain of drafting each depth up to this step's: the best
+            # prefix of its nodes, with the time of drafting that deep.
+            for levels in range(1, self._levels + 1):
+                shallow = [node for node in nodes
+                           if requests[node[0]].tree.depths[node[1]] <= levels]
+                if not shallow:
+                    continue
+                if len(shallow) == len(nodes):  # every node: priced above already
+                    shallow_rows, shallow_ms = rows[1:], step_ms[1:]
+                else:
+                    shallow_rows = prefix_rows(shallow)[1:]
+                    shallow_ms = self.costs.step_ms_each(shallow_rows[:, 1:])
+                shallow_ms = shallow_ms + self.draft_ms(len(requests), levels)
+                gain = float(np.max(shallow_rows[:, 0] / shallow_ms)) / plain_rate
+                gains[levels] = max(gain, gains.get(levels, 0.0))
+        if self._warming_up():
+            best_nodes = order[:self._warmup_tree_size(len(order))]
         self._record_gains(gains)
-        for i, j, _ in order[:best]:
+        for i, j, _ in best_nodes:
             chosen[i].append(j)
         return Choice([sorted(c) for c in chosen])
 
