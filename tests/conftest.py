@@ -44,6 +44,12 @@ def weak_draft(model_dir: Path) -> str:
     return str(model_dir / "smollm2-135m-draft-12l")
 
 
+@pytest.fixture(scope="session")
+def distilled_draft(model_dir: Path) -> str:
+    """The shipped 2-layer draft: what users run, and cheap to draft with."""
+    return str(model_dir / "smollm2-135m-draft-distilled")
+
+
 ENGINE_DEFAULTS = dict(dtype="float32", enforce_eager=True, max_model_len=1024,
                        seed=0, disable_log_stats=False)
 

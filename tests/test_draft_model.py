@@ -7,6 +7,8 @@ seconds, no real model.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -166,12 +168,12 @@ def test_sibling_queries_each_see_only_their_own_branch(tmp_path, kernels):
                                atol=ATOL, rtol=0)
 
 
-def test_shipped_distilled_draft_assembles_and_agrees_with_the_target(model_dir):
+def test_shipped_distilled_draft_assembles_and_agrees_with_the_target(model_dir, distilled_draft):
     """prepare_models.py puts the target's embedding back into the shipped
     trained layers: the runner must match transformers on the assembled
     folder, and the draft must predict the target's greedy next token far
     more often than chance (a wrong embedding or layer order gives ~0)."""
-    draft_dir = model_dir / "smollm2-135m-draft-distilled"
+    draft_dir = Path(distilled_draft)
     draft_hf = transformers.AutoModelForCausalLM.from_pretrained(
         draft_dir, dtype=torch.float32).eval()
     target_hf = transformers.AutoModelForCausalLM.from_pretrained(
