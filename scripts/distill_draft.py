@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# Room for a whole --gen-batch of 256 sequences of ~700 tokens (46 KB each in
+# Room for a --gen-batch of up to 256 sequences of ~700 tokens (46 KB each in
 # float32), so the scheduler never preempts one mid-generation.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "8")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
@@ -266,17 +266,6 @@ TOPICS = [
     "time management", "the Pythagorean theorem", "coral reefs", "opera",
     "space telescopes", "inflation", "the Silk Road", "nutrition labels",
     "password security", "migratory birds", "the Industrial Revolution", "yoga",
-    "recursion", "binary search", "version control with Git", "unit testing",
-    "REST APIs", "regular expressions", "databases and indexes", "object-oriented programming",
-    "sorting algorithms", "operating systems", "computer memory", "encryption",
-    "fractions", "prime numbers", "percentages", "probability", "statistics",
-    "algebra", "geometry", "the metric system", "interest rates", "budgeting",
-    "the solar system", "photosynthesis in algae", "the nervous system", "bacteria",
-    "tea", "chocolate", "the history of jazz", "impressionist painting", "Shakespeare",
-    "the Cold War", "ancient Greece", "the Vikings", "the Moon", "Mars",
-    "electricity", "magnets", "sound waves", "rainbows", "clouds", "deserts",
-    "elephants", "whales", "ants", "trees", "mushrooms", "composting",
-    "public speaking", "job interviews", "learning a language", "running", "first aid",
 ]
 
 RAW = [
@@ -929,9 +918,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      help="share of prompts decoded greedily in the first pass over "
                           "the prompt set; the others are greedy in the second pass, "
                           "and later passes only sample")
-    gen.add_argument("--gen-batch", type=int, default=256,
-                     help="requests per vLLM generate call (and vLLM's max_num_seqs): "
-                          "on 2 CPU cores 256 gives ~200 tok/s, 64 ~150")
+    gen.add_argument("--gen-batch", type=int, default=64,
+                     help="requests per vLLM generate call (and vLLM's max_num_seqs); "
+                          "on 2 CPU cores 256 gives ~200 tok/s, 64 ~150, but the "
+                          "shipped draft's data was made with 64")
     gen.add_argument("--held-out", type=float, default=0.1,
                      help="fraction of prompts whose sequences are held out")
     model = parser.add_argument_group("draft")
