@@ -78,12 +78,16 @@ def test_free_tokens_verify_the_whole_tree():
 
 
 def test_expensive_tokens_verify_nothing_and_soon_stop_drafting():
-    # Each token costs as much as a whole plain step: no node can pay.
+    # Each token costs as much as a whole plain step: no node can pay. The
+    # first step measures every depth, so it verifies the path to the most
+    # valuable deepest node (for the calibration and the cost model), and
+    # nothing else.
     budget = trained_budget(ms_per_token=40.0, fixed_ms=0.0)
     choice = choose(budget, [BudgetRequest(TREE, greedy=True)], base_tokens=1)
-    assert choice.kept == [[]]
+    assert choice.kept == [[0, 1, 2]]
     assert budget.draft_gain < 1.0
     assert not budget.next_step(1)
+    assert budget.choose([BudgetRequest(TREE, greedy=True)], base_tokens=1).kept == [[]]
 
 
 def test_middle_cost_keeps_the_most_valuable_nodes_each_after_its_parent():
@@ -117,8 +121,13 @@ def test_batch_size_shrinks_the_tree_on_linear_hardware():
     # CPU-like: a step costs 40 ms + 2 ms per token. At batch 1 the tree's
     # best nodes pay; at batch 16 every extra token slows 16 requests.
     budget = trained_budget(ms_per_token=2.0, fixed_ms=40.0)
-    alone = choose(budget, [BudgetRequest(TREE, greedy=True)], base_tokens=1)
-    batch = choose(budget, [BudgetRequest(TREE, greedy=True)] * 16, base_tokens=16)
+    # The first step at a batch size measures (see
+    # test_a_budget_that_stopped_drafting_learns_from_its_probes); the
+    # second decides.
+    for _ in range(2):
+        alone = choose(budget, [BudgetRequest(TREE, greedy=True)], base_tokens=1)
+    for _ in range(2):
+        batch = choose(budget, [BudgetRequest(TREE, greedy=True)] * 16, base_tokens=16)
     assert len(alone.kept[0]) >= 3
     assert sum(map(len, batch.kept)) < 16 * len(alone.kept[0])
     assert sum(map(len, batch.kept)) <= 16  # at most about one node each
@@ -130,8 +139,10 @@ def test_per_request_tree_work_stops_trees_in_a_large_batch():
     budget = trained_budget(ms_per_token=0.0, fixed_ms=40.0, ms_per_tree=4.0)
     one_node = FlatTree((1,), (-1,), (1,), (0.3,))
     alone = choose(budget, [BudgetRequest(one_node, greedy=True)], base_tokens=1)
-    batch = choose(budget, [BudgetRequest(one_node, greedy=True)] * 16, base_tokens=16)
     assert alone.kept == [[0]]
+    measuring = choose(budget, [BudgetRequest(one_node, greedy=True)] * 16, base_tokens=16)
+    assert measuring.kept == [[0]] + [[]] * 15  # one path, to measure
+    batch = choose(budget, [BudgetRequest(one_node, greedy=True)] * 16, base_tokens=16)
     assert batch.kept == [[]] * 16
 
 
@@ -295,18 +306,53 @@ def test_the_draft_depth_follows_what_each_level_costs(draft_level_ms, best_leve
         assert budget.draft_gain > 1.0
 
 
-def test_a_shallow_draft_still_measures_the_deeper_levels():
+@pytest.mark.parametrize("ms_per_tree, draft_level_ms, depths", [
+    # Drafting pays 1.85x: plain steps are measured only every
+    # MAX_PROBE_INTERVAL steps, as each forgoes nearly half a step's tokens.
+    (0.0, (1.0, 20.0, 20.0), [1, 1, 1, 3] * 3),
+    # 1.21x: close enough to 1 for the plain step's time to decide.
+    (22.0, (1.0, 30.0, 30.0), [1, 1, 0, 3] * 3),
+])
+def test_while_drafting_pays_deeper_levels_and_plain_steps_are_still_measured(
+        ms_per_tree, draft_level_ms, depths):
     """While one level pays best, every probe_interval-th step drafts all
-    levels, so that the deeper levels' gains follow the acceptance."""
+    levels, so that the deeper levels' gains follow the acceptance; where
+    the gain is close to 1, every probe_interval-th step drafts nothing, so
+    that the plain step the gains are relative to is measured now, not in
+    the warm-up."""
     budget = trained_budget(ms_per_token=0.0, fixed_ms=40.0, ms_per_branch=0.0,
-                            draft_level_ms=(1.0, 20.0, 20.0))
+                            ms_per_tree=ms_per_tree, draft_level_ms=draft_level_ms)
     budget.probe_interval = 4
     budget.next_step(1)
     budget.choose([BudgetRequest(TREE, greedy=True)], base_tokens=1)
-    depths = []
+    drafted = []
     for _ in range(12):
-        depths.append(budget.next_step(1))
-        budget.choose([BudgetRequest(TREE.subtree(
-            [j for j in range(len(TREE)) if TREE.depths[j] <= depths[-1]]), greedy=True)],
-            base_tokens=1)
-    assert depths == [1, 1, 1, 3] * 3
+        drafted.append(budget.next_step(1))
+        if drafted[-1]:
+            budget.choose([BudgetRequest(TREE.subtree(
+                [j for j in range(len(TREE)) if TREE.depths[j] <= drafted[-1]]), greedy=True)],
+                base_tokens=1)
+    assert drafted == depths
+
+
+def test_a_budget_that_stopped_drafting_learns_from_its_probes():
+    """Acceptance (and the cost of trees) is learned only from verified
+    nodes. After a warm-up whose trees were all rejected drafting looks
+    worthless, and it stops; its probes verify the path to the deepest
+    node, the target now accepts the first branch whole, and drafting
+    resumes. A probe that verified nothing would learn nothing."""
+    budget = trained_budget(ms_per_token=1.0, fixed_ms=40.0, ms_per_branch=0.0)
+    budget.probe_interval = 4
+    for _ in range(50):
+        budget.calibration.observe(TREE, len(TREE), [], greedy=True)
+    first_branch = {0, 1, 2}
+    drafted = []
+    for _ in range(300):
+        drafted.append(bool(budget.next_step(1)))
+        if drafted[-1]:
+            kept = budget.choose([BudgetRequest(TREE, greedy=True)], base_tokens=1).kept[0]
+            verified = BudgetRequest(TREE.subtree(kept), greedy=True)
+            path = [k for k, j in enumerate(kept) if j in first_branch]
+            budget.observe_acceptance(verified, len(kept), path)
+    assert not any(drafted[1:4])  # stopped: probes only
+    assert sum(drafted[-100:]) >= 95  # drafting again
