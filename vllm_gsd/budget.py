@@ -424,8 +424,8 @@ class GraphBudget:
     def _record_gains(self, gains: dict[int, float]) -> None:
         state = self._current
         assert state is not None, "choose() before next_step()"
-        if self._warming_up() or not gains:
-            return  # the cost model has not seen enough steps to predict yet
+        if not gains:
+            return
         first = not state.gains
         was_paying = not first and state.gains[state.best_levels()] > 1.0
         for levels, gain in gains.items():
@@ -494,6 +494,7 @@ class GraphBudget:
             candidates.append(first_branch)
         best_rate, best_nodes = -1.0, []
         gains: dict[int, float] = {}
+        warming_up = self._warming_up()
         for nodes in candidates:
             rows = prefix_rows(nodes)
             step_ms = self.costs.step_ms_each(rows[:, 1:])
@@ -503,8 +504,9 @@ class GraphBudget:
             if rates[k] > best_rate:
                 best_rate, best_nodes = rates[k], nodes[:k]
             # The gain of drafting each depth up to this step's: the best
-            # prefix of its nodes, with the time of drafting that deep.
-            for levels in range(1, self._levels + 1):
+            # prefix of its nodes, with the time of drafting that deep. Not
+            # in the warm-up, whose cost model has not seen enough steps.
+            for levels in range(1, 0 if warming_up else self._levels + 1):
                 shallow = [node for node in nodes
                            if requests[node[0]].tree.depths[node[1]] <= levels]
                 if not shallow:
@@ -517,7 +519,7 @@ class GraphBudget:
                 shallow_ms = shallow_ms + self.draft_ms(len(requests), levels)
                 gain = float(np.max(shallow_rows[:, 0] / shallow_ms)) / plain_rate
                 gains[levels] = max(gain, gains.get(levels, 0.0))
-        if self._warming_up():
+        if warming_up:
             best_nodes = order[:self._warmup_tree_size(len(order))]
         elif self._exploring:
             best_nodes = best_nodes + self._deepest_path(requests, order, best_nodes)
