@@ -346,22 +346,21 @@ class GraphBudget:
         state.steps_since_draft += 1
         state.steps_since_full_depth += 1
         state.steps_since_plain += 1
-        regular = False
+        exploring = True
         if len(state.gains) < self.max_depth:  # a depth not measured yet
             levels = self.max_depth
         elif state.gains[state.best_levels()] > 1.0:
             if state.steps_since_plain >= self._plain_check_interval(state):
                 levels = 0
+            elif state.steps_since_full_depth >= self.probe_interval:
+                levels = self.max_depth
             else:
-                levels = state.best_levels()
-                regular = state.steps_since_full_depth < self.probe_interval
-                if not regular:
-                    levels = self.max_depth
+                levels, exploring = state.best_levels(), False
         elif state.steps_since_draft >= state.probe_interval:
             levels = self.max_depth
         else:
             levels = 0
-        self._exploring = levels > 0 and not regular
+        self._exploring = levels > 0 and exploring
         if levels:
             state.steps_since_draft = 0
         else:
@@ -545,11 +544,7 @@ class GraphBudget:
         depth = {(i, j): requests[i].tree.depths[j] for i, j, _ in order}
         deepest = max(depth.values())
         i, leaf, _ = next(node for node in order if depth[node[:2]] == deepest)
-        parents = requests[i].tree.parents
-        path = {leaf}
-        while parents[leaf] >= 0:
-            leaf = parents[leaf]
-            path.add(leaf)
+        path = {leaf, *requests[i].tree.ancestors(leaf)}
         taken = {node[:2] for node in chosen}
         return [node for node in order
                 if node[0] == i and node[1] in path and node[:2] not in taken]

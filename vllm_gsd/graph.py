@@ -424,9 +424,10 @@ class FlatTree:
         """Split the flat order into maximal runs where each node's parent is the previous node."""
         starts = sorted(self.run_starts())
         ends = [start - 1 for start in starts[1:]] + [len(self) - 1]
-        return [Branch(start, end, self._ancestors(start)) for start, end in zip(starts, ends)]
+        return [Branch(start, end, self.ancestors(start)) for start, end in zip(starts, ends)]
 
-    def _ancestors(self, node: int) -> tuple[int, ...]:
+    def ancestors(self, node: int) -> tuple[int, ...]:
+        """Flat indices of the node's ancestors, shallowest first."""
         ancestors = []
         parent = self.parents[node]
         while parent >= 0:
