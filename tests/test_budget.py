@@ -205,9 +205,24 @@ def test_draft_time_is_learned_from_steady_state_steps_only():
     assert budget.draft_ms(16) == pytest.approx(10.0)
     assert budget.draft_ms(16, levels=1) == pytest.approx(6.0)
     budget.next_step(1)
+    budget.next_step(1)  # the warm-up drafts every other step
     for _ in range(5):
         budget.observe_draft(1, [3.0, 1.0], longest_catch_up=3)
     assert budget.draft_ms(1, levels=2) == pytest.approx(4.0)
+
+
+def test_passes_that_grew_pinned_trees_alone_are_not_the_batchs_draft_time():
+    """Seeded sampled requests are drafted whole whatever depth the budget
+    chose, also in steps that draft nobody else: those passes cost far less
+    than drafting the batch does, and must not teach the budget that it is
+    cheap."""
+    budget = GraphBudget(max_depth=3, warmup_steps=16)
+    for _ in range(4):
+        assert budget.next_step(16) == 3
+        budget.observe_draft(16, [6.0, 2.0, 2.0], longest_catch_up=2)
+        assert budget.next_step(16) == 0
+        budget.observe_draft(16, [1.0, 0.5, 0.5], longest_catch_up=2)
+    assert budget.draft_ms(16) == pytest.approx(10.0)
 
 
 def test_warmup_tries_trees_of_every_size():

@@ -392,11 +392,13 @@ class GraphBudget:
         gives the first level, and building the graphs), level_ms[l] the
         pass that grew level l + 1. Counted only in the steady state, where
         a request was drafted the step before too and catches up on at most
-        one accepted path, the root and a bonus token."""
+        one accepted path, the root and a bonus token. Passes past the
+        step's own depth grew pinned trees alone (drafted whole whatever the
+        depth), so they are not what drafting the batch costs."""
         if longest_catch_up <= self.max_depth + 2:
             state = self._current
             assert state is not None, "observe_draft() before next_step()"
-            for level, ms in enumerate(level_ms):
+            for level, ms in enumerate(level_ms[:self._levels]):
                 self.costs.observe_draft(level, num_requests, ms)
                 state.draft_ms.setdefault(
                     level, deque(maxlen=DRAFT_TIME_WINDOW)).append(ms)
