@@ -1,7 +1,7 @@
 """Tokens per target pass against verified nodes per step: chain, tree, merging.
 
     python scripts/acceptance_curve.py [--budgets 1 2 4 8 16 32 64] [--draft DIR]
-        [--cap-budget 16] [--caps 8 16 32 64 128 256] [--max-tokens 64]
+        [--cap-budget 16] [--caps [8 16 32 64 128 256]] [--max-tokens 64]
         [--dtype auto] [--out DIR]
 
 At temperature 0 the accepted length is fixed by the draft and the target,
@@ -94,7 +94,8 @@ def main() -> None:
     parser.add_argument("--draft", default=str(models / DISTILLED_DRAFT_NAME))
     parser.add_argument("--budgets", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     parser.add_argument("--cap-budget", type=int, default=16)
-    parser.add_argument("--caps", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256])
+    parser.add_argument("--caps", type=int, nargs="*", default=[8, 16, 32, 64, 128, 256],
+                        help="graph size caps of the merging sweep (none: no sweep)")
     parser.add_argument("--max-vllm-k", type=int, default=8,
                         help="largest K run with vLLM's draft_model (its chain "
                              "drafts K tokens every step whatever they earn)")
