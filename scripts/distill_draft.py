@@ -266,6 +266,17 @@ TOPICS = [
     "time management", "the Pythagorean theorem", "coral reefs", "opera",
     "space telescopes", "inflation", "the Silk Road", "nutrition labels",
     "password security", "migratory birds", "the Industrial Revolution", "yoga",
+    "recursion", "binary search", "version control with Git", "unit testing",
+    "REST APIs", "regular expressions", "databases and indexes", "object-oriented programming",
+    "sorting algorithms", "operating systems", "computer memory", "encryption",
+    "fractions", "prime numbers", "percentages", "probability", "statistics",
+    "algebra", "geometry", "the metric system", "interest rates", "budgeting",
+    "the solar system", "photosynthesis in algae", "the nervous system", "bacteria",
+    "tea", "chocolate", "the history of jazz", "impressionist painting", "Shakespeare",
+    "the Cold War", "ancient Greece", "the Vikings", "the Moon", "Mars",
+    "electricity", "magnets", "sound waves", "rainbows", "clouds", "deserts",
+    "elephants", "whales", "ants", "trees", "mushrooms", "composting",
+    "public speaking", "job interviews", "learning a language", "running", "first aid",
 ]
 
 RAW = [
