@@ -48,7 +48,7 @@ from prepare_models import DISTILLED_DRAFT_NAME, TARGET_NAME, default_out_dir  #
 PROMPTS = [
     ("chat", "What is a good way to start learning to play the guitar?", True),
     ("chat", "My tomato plants have yellow leaves. What should I do?", True),
-    ("code", "Write a Python function that checks whether a string is a palindrome.", True),
+    ("code", "Write a Python function that counts the vowels in a string.", True),
     ("code", "def merge_sorted(a, b):\n    \"\"\"Merge two sorted lists.\"\"\"\n", False),
     ("summary", "Summarize in two sentences: The city council voted on Tuesday to "
                 "extend the bike lane network by twelve kilometres over the next two "
