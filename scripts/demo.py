@@ -29,7 +29,7 @@ from prepare_models import DISTILLED_DRAFT_NAME, TARGET_NAME, default_out_dir  #
 
 PROMPTS = [
     "The three primary colours are",
-    "def fibonacci(n):",
+    "def count_words(text):",
     "List of fruits:\n1. apple\n2.",
     "Once upon a time",
     "Question: What is 12 plus 30?\nAnswer:",

@@ -196,12 +196,14 @@ def test_shipped_distilled_draft_assembles_and_agrees_with_the_target(model_dir,
     assert agreement > 0.25
 
 
-def test_no_benchmark_prompt_is_in_the_distillation_set():
-    """The benchmarks measure the distilled draft on prompts it never trained
-    on (runs up to 13 had one that it had: a palindrome function)."""
+def test_no_benchmark_or_demo_prompt_is_in_the_distillation_set():
+    """The benchmarks and the demo measure the distilled draft on prompts it
+    never trained on (benchmark runs up to 13 had one that it had, a
+    palindrome function, and the demo a Fibonacci one)."""
     import sys
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
     from benchmark import PROMPTS
+    from demo import PROMPTS as DEMO_PROMPTS
     from distill_draft import build_prompts
 
     def normal(text: str) -> str:
@@ -209,4 +211,5 @@ def test_no_benchmark_prompt_is_in_the_distillation_set():
 
     distilled = {normal(content) for prompt in build_prompts()
                  for _, content in prompt.messages}
-    assert [text for _, text, _ in PROMPTS if normal(text) in distilled] == []
+    measured = [text for _, text, _ in PROMPTS] + DEMO_PROMPTS
+    assert [text for text in measured if normal(text) in distilled] == []
