@@ -201,7 +201,9 @@ def test_no_benchmark_or_demo_prompt_is_in_the_distillation_set():
     never trained on (benchmark runs up to 13 had one that it had, a
     palindrome function, and the demo a Fibonacci one)."""
     import sys
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+
+    from conftest import REPO
+    sys.path.insert(0, str(REPO / "scripts"))
     from benchmark import PROMPTS
     from demo import PROMPTS as DEMO_PROMPTS
     from distill_draft import build_prompts
