@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vllm_gsd.budget import (AcceptanceCalibration, BudgetRequest, GraphBudget,
-                             RecursiveLeastSquares, StepShape)
+from vllm_gsd.budget import (PROBE_REQUESTS, AcceptanceCalibration, BudgetRequest,
+                             GraphBudget, RecursiveLeastSquares, StepShape)
 from vllm_gsd.graph import FlatTree
 
 # Flat (DFS) order: a chain 0-1-2 (path probs .6 .4 .3), node 3 a second child
@@ -264,6 +264,59 @@ def test_each_batch_size_keeps_its_own_gain():
         choose(budget, [BudgetRequest(TREE, greedy=True)], base_tokens=1)
         assert budget.draft_gain > 1.0
     assert budget.next_step(1) and not budget.next_step(16)
+
+
+def test_where_drafting_is_not_known_to_pay_a_large_batch_drafts_a_sample():
+    """A measuring step that no paying depth backs (the first at a batch
+    size, a probe) drafts PROBE_REQUESTS requests, drawn at random:
+    catching up on every request's tokens since it was last drafted cost
+    most of a probe. Where drafting pays, every request is drafted."""
+    budget = trained_budget(ms_per_token=0.0, fixed_ms=40.0, ms_per_tree=4.0)
+    budget.probe_interval = 4
+    one_node = [BudgetRequest(FlatTree((1,), (-1,), (1,), (0.3,)), greedy=True)]
+    samples = []
+    for _ in range(13):
+        if budget.next_step(16):
+            samples.append(budget.drafted_sample(16))
+            budget.choose(one_node * PROBE_REQUESTS, base_tokens=16, unpinned_in_batch=16)
+        else:
+            assert budget.drafted_sample(16) is None
+    assert budget.draft_gain < 1.0
+    assert len(samples) == 3  # the first step, then probes at 5 and 13
+    assert all(len(set(s)) == PROBE_REQUESTS and set(s) <= set(range(16)) for s in samples)
+    assert len({tuple(s) for s in samples}) > 1  # not the same requests every time
+    assert budget.drafted_sample(PROBE_REQUESTS) is None  # nothing to leave out
+
+    assert budget.next_step(1)  # measures the new batch size
+    budget.choose([BudgetRequest(TREE, greedy=True)], base_tokens=1)
+    assert budget.draft_gain > 1.0
+    assert budget.next_step(16) == 0 and budget.next_step(1)
+    assert budget.drafted_sample(16) is None  # batch 1's drafting pays
+
+
+def test_a_probe_sample_is_drawn_evenly():
+    budget = GraphBudget(max_depth=2, warmup_steps=0)
+    budget.next_step(16)  # a new batch size: measured, by a sample
+    counts = np.zeros(16)
+    for _ in range(4000):
+        counts[budget.drafted_sample(16)] += 1
+    np.testing.assert_allclose(counts / 4000, PROBE_REQUESTS / 16, atol=0.03)
+
+
+@pytest.mark.parametrize("ms_per_token", [0.0, 0.5, 2.0])
+def test_a_samples_nodes_stand_for_the_batchs(ms_per_token):
+    """Four of sixteen requests with the same trees: the gain is the whole
+    batch's."""
+    gains = []
+    for drafted, unpinned_in_batch in ((16, None), (4, 16)):
+        budget = trained_budget(ms_per_token=ms_per_token, fixed_ms=40.0, ms_per_tree=0.5)
+        budget.next_step(16)
+        budget.choose([BudgetRequest(TREE, greedy=True)] * drafted, base_tokens=16,
+                      unpinned_in_batch=unpinned_in_batch)
+        gains.append(budget.draft_gain)
+    # The sample's prefixes take four nodes of the batch at a time.
+    assert gains[1] == pytest.approx(gains[0], rel=0.02)
+    assert gains[1] <= gains[0] + 1e-9
 
 
 def test_one_good_probe_resumes_drafting():

@@ -46,7 +46,10 @@ deeper gains stay current. While no gain is above 1 the steps do not
 draft at all, except a probe (all levels) every `probe_interval` steps;
 each probe that finds drafting still not paying doubles the interval (up
 to MAX_PROBE_INTERVAL), and weighs more in the averages than a drafting
-step does. Such measuring steps (probes, and the all-levels steps) also
+step does. Such a probe, and the first steps at a batch size, draft a
+sample of the batch (PROBE_REQUESTS), whose nodes stand for the batch's:
+the draft would otherwise have to catch up on every request's tokens
+since it last drafted it, the most of a probe's cost in a large batch. Such measuring steps (probes, and the all-levels steps) also
 verify the path to their most valuable deepest node: acceptance and tree
 costs are learned only from verified nodes. While drafting pays, plain
 steps are measured too, every `probe_interval` steps where the gain is
@@ -253,6 +256,15 @@ WARMUP_TREE_FRACTIONS = (1.0, 0.25, 0.5, 0.75)
 DRAFT_TIME_WINDOW = 16
 """Steady-state draft steps whose median is a batch size's draft time."""
 
+PROBE_REQUESTS = 4
+"""Most unpinned requests a measuring step drafts where no draft depth is
+known to pay. Its cost is mostly the catch-up: the draft has to read every
+token decoded since the request was last drafted (at batch 16 on the CPU,
+40 to 200 ms of catch-up beside a 75 ms step, where drafting every step
+catches up 1 to 3 tokens per request). A sample of the batch says what its
+trees are worth as well as the whole batch does, at a fraction of that
+cost; `GraphBudget.choose` scales the sample's nodes up to the batch."""
+
 MAX_PROBE_INTERVAL = 256
 """Longest run of undrafted steps. A probe costs about a step's worth of
 time (at batch 16 on the CPU: a catch-up pass, two draft passes over 16
@@ -319,10 +331,23 @@ class GraphBudget:
     _exploring: bool = False
     """This step drafts to measure (a probe, a depth not measured yet, or
     all levels while a shallower depth pays), not because it pays."""
+    _sampling: bool = False
+    """This step drafts at most PROBE_REQUESTS unpinned requests."""
+    _rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
     _steps: int = 0
 
     def __post_init__(self) -> None:
         self.calibration = AcceptanceCalibration(self.max_depth)
+
+    def drafted_sample(self, num_unpinned: int) -> list[int] | None:
+        """Which of the step's `num_unpinned` unpinned requests it drafts
+        (indices, ascending; None: all of them). A measuring step where no
+        draft depth is known to pay drafts PROBE_REQUESTS of them, drawn at
+        random: the cheapest to catch up on would be the same few requests
+        at every probe, and the gain theirs alone."""
+        if not self._sampling or num_unpinned <= PROBE_REQUESTS:
+            return None
+        return sorted(self._rng.choice(num_unpinned, PROBE_REQUESTS, replace=False).tolist())
 
     @property
     def draft_gain(self) -> float | None:
@@ -342,6 +367,7 @@ class GraphBudget:
         self._current = state
         if self._warming_up():
             self._levels = self.max_depth if self._steps % 2 == 1 else 0
+            self._sampling = False
             return self._levels
         state.steps_since_draft += 1
         state.steps_since_full_depth += 1
@@ -361,6 +387,8 @@ class GraphBudget:
         else:
             levels = 0
         self._exploring = levels > 0 and exploring
+        self._sampling = self._exploring and not (
+            state.gains and state.gains[state.best_levels()] > 1.0)
         if levels:
             state.steps_since_draft = 0
         else:
@@ -394,14 +422,16 @@ class GraphBudget:
         a request was drafted the step before too and catches up on at most
         one accepted path, the root and a bonus token. Passes past the
         step's own depth grew pinned trees alone (drafted whole whatever the
-        depth), so they are not what drafting the batch costs."""
+        depth), so they are not what drafting the batch costs, and a
+        sample's time is not the batch's."""
         if longest_catch_up <= self.max_depth + 2:
             state = self._current
             assert state is not None, "observe_draft() before next_step()"
             for level, ms in enumerate(level_ms[:self._levels]):
                 self.costs.observe_draft(level, num_requests, ms)
-                state.draft_ms.setdefault(
-                    level, deque(maxlen=DRAFT_TIME_WINDOW)).append(ms)
+                if not self._sampling:
+                    state.draft_ms.setdefault(
+                        level, deque(maxlen=DRAFT_TIME_WINDOW)).append(ms)
 
     def draft_ms(self, num_requests: int, levels: int | None = None) -> float:
         """The current batch size's time to draft `levels` levels (default:
@@ -448,16 +478,25 @@ class GraphBudget:
         elif not (was_paying or first):
             state.probe_interval = min(2 * state.probe_interval, MAX_PROBE_INTERVAL)
 
-    def choose(self, requests: list[BudgetRequest], base_tokens: int) -> Choice:
+    def choose(self, requests: list[BudgetRequest], base_tokens: int,
+               unpinned_in_batch: int | None = None) -> Choice:
         """The nodes to verify this step.
 
         requests: the drafted trees. base_tokens: the step's target rows
         without any tree (one per decoding request, plus prefill chunks).
+        unpinned_in_batch: the unpinned requests that could have been drafted,
+        where the unpinned ones among `requests` are a sample of them
+        (`drafted_sample`); the rates and gains are the batch's, each
+        sampled node standing for as many as the sample is smaller.
         """
+        num_unpinned = sum(not r.pinned for r in requests)
+        scale = (unpinned_in_batch / num_unpinned
+                 if unpinned_in_batch and num_unpinned else 1.0)
+        num_drafted = len(requests) - num_unpinned + scale * num_unpinned
         run_starts = [r.tree.run_starts() for r in requests]
         chosen: list[list[int]] = [[] for _ in requests]
         pinned_branches = [0] * len(requests)
-        pinned_expected = float(len(requests))
+        pinned_expected = num_drafted
         for i, r in enumerate(requests):
             if r.pinned:
                 chosen[i] = list(range(len(r.tree)))
@@ -465,8 +504,9 @@ class GraphBudget:
                 pinned_expected += sum(self._value(r, j) for j in chosen[i])
 
         def prefix_rows(order: list[tuple[int, int, float]]) -> np.ndarray:
-            """Row k: the step with the first k nodes of `order` added, as
-            (expected tokens, tokens, trees, branches, waves)."""
+            """Row k: the step with the first k nodes of `order` added (each
+            `scale` times), as (expected tokens, tokens, trees, branches,
+            waves)."""
             rows = np.zeros((len(order) + 1, 5))
             has_tree = [bool(c) for c in chosen]
             branches = list(pinned_branches)
@@ -476,7 +516,8 @@ class GraphBudget:
                 # Replay recomputes every run but the first (`FlatTree.branches`);
                 # selection keeps a first child right after its parent.
                 is_branch = j != 0 and j in run_starts[i]
-                rows[k] = rows[k - 1] + [value, 1, not has_tree[i], is_branch, 0]
+                rows[k] = rows[k - 1] + np.array(
+                    [value, 1, not has_tree[i], is_branch, 0]) * scale
                 has_tree[i] = True
                 branches[i] += is_branch
                 rows[k, 4] = max(rows[k - 1, 4], branches[i])
@@ -517,7 +558,7 @@ class GraphBudget:
                 else:
                     shallow_rows = prefix_rows(shallow)[1:]
                     shallow_ms = self.costs.step_ms_each(shallow_rows[:, 1:])
-                shallow_ms = shallow_ms + self.draft_ms(len(requests), levels)
+                shallow_ms = shallow_ms + self.draft_ms(round(num_drafted), levels)
                 gain = float(np.max(shallow_rows[:, 0] / shallow_ms)) / plain_rate
                 gains[levels] = max(gain, gains.get(levels, 0.0))
         if warming_up:

@@ -198,7 +198,7 @@ class GSDProposer:
                   else self.budget.next_step(num_decoding))
         req_ids = self.runner.input_batch.req_ids
         self._num_cached = {r: self._num_cached[r] for r in req_ids if r in self._num_cached}
-        drafting = []
+        drafting: list[_Drafting] = []
         for row, sampled in enumerate(sampled_token_ids):
             if not sampled:
                 continue
@@ -223,6 +223,8 @@ class GSDProposer:
             drafting.append(_Drafting(req_id, tokens, graph, max_verify, greedy, pinned,
                                       self._num_cached.get(req_id, 0),
                                       self._paged_slots(req_id)))
+        unpinned_in_batch = sum(not d.pinned for d in drafting)
+        drafting = self._limit_unpinned(drafting)
         longest_catch_up = 0
         level_ms = []
         if drafting:
@@ -249,7 +251,7 @@ class GSDProposer:
             total_ms = (time.perf_counter() - start) * 1e3
             self.budget.observe_draft(len(drafting), [total_ms - sum(level_ms), *level_ms],
                                       longest_catch_up)
-            choice = self.budget.choose(offers, num_decoding)
+            choice = self.budget.choose(offers, num_decoding, unpinned_in_batch)
             for offer, kept in zip(offers, choice.kept):
                 self.stats.budget_cut_nodes += len(offer.tree) - len(kept)
                 offer.tree = offer.tree.subtree(kept)
@@ -299,6 +301,17 @@ class GSDProposer:
             logger.info("GSD: requests with %s are decoded without a tree "
                         "(exact plain sampling); logged once per reason.", reason)
         return None
+
+    def _limit_unpinned(self, drafting: list[_Drafting]) -> list[_Drafting]:
+        """Those of `drafting` this step drafts: every pinned request, and
+        the unpinned ones the budget samples (`GraphBudget.drafted_sample`)."""
+        unpinned = [d for d in drafting if not d.pinned]
+        sample = None if self.budget is None else self.budget.drafted_sample(len(unpinned))
+        if sample is None:
+            return drafting
+        self.stats.undrafted_by_budget += len(unpinned) - len(sample)
+        drafted = {id(unpinned[i]) for i in sample}
+        return [d for d in drafting if d.pinned or id(d) in drafted]
 
     def _paged_slots(self, req_id: str) -> np.ndarray:
         """Slot of every position the request's blocks hold (one KV cache
