@@ -46,10 +46,11 @@ deeper gains stay current. While no gain is above 1 the steps do not
 draft at all, except a probe (all levels) every `probe_interval` steps;
 each probe that finds drafting still not paying doubles the interval (up
 to MAX_PROBE_INTERVAL), and weighs more in the averages than a drafting
-step does. Such a probe, and the first steps at a batch size, draft a
-sample of the batch (PROBE_REQUESTS), whose nodes stand for the batch's:
-the draft would otherwise have to catch up on every request's tokens
-since it last drafted it, the most of a probe's cost in a large batch. Such measuring steps (probes, and the all-levels steps) also
+step does. Such a probe, like the first step at a batch size, drafts a
+random sample of the batch (PROBE_REQUESTS), whose nodes stand for the
+batch's: drafting them all would first catch up on every request's
+tokens since it was last drafted, most of a probe's cost in a large
+batch. Measuring steps (probes, and the all-levels steps) also
 verify the path to their most valuable deepest node: acceptance and tree
 costs are learned only from verified nodes. While drafting pays, plain
 steps are measured too, every `probe_interval` steps where the gain is
@@ -266,11 +267,10 @@ trees are worth as well as the whole batch does, at a fraction of that
 cost; `GraphBudget.choose` scales the sample's nodes up to the batch."""
 
 MAX_PROBE_INTERVAL = 256
-"""Longest run of undrafted steps. A probe costs about a step's worth of
-time (at batch 16 on the CPU: a catch-up pass, two draft passes over 16
-requests and a tree step, beside a 45 ms step), so where drafting clearly
-does not pay, probes must be rare to cost little; the catch-up work itself
-is the same however it is split."""
+"""Longest run of undrafted steps. A probe costs up to a step's worth of
+time (at batch 16 on the CPU: its sample's catch-up, two draft passes
+and a tree step, beside a 75 ms step), so where drafting clearly does
+not pay, probes must be rare to cost little."""
 
 
 PLAIN_CHECK_BELOW_GAIN = 1.25
