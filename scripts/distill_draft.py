@@ -8,7 +8,7 @@
    prose; and raw completion-style text), greedy and sampled, keeping its
    top-K log-probabilities per generated token as soft labels. The result is
    cached in OUT/distill_data.npz, so reruns with the same data settings skip
-   generation.
+   generation, and a run for more --num-tokens continues the cache.
 2. Draft. A LlamaForCausalLM with the target's width and N decoder layers,
    initialised from the target's first (or last) N layers, its final norm and
    its tied embedding, which stays frozen: only the layers and the norm train,
@@ -417,6 +417,19 @@ class DistillData:
                  topk_logprobs=self.topk_logprobs, meta=json.dumps(self.meta))
         os.replace(tmp, path)
 
+    def extended_by(self, later: DistillData) -> DistillData:
+        """These sequences, then `later`'s; `later`'s meta describes the whole."""
+        return DistillData(
+            tokens=np.concatenate([self.tokens, later.tokens]),
+            seq_offsets=np.concatenate([self.seq_offsets,
+                                        self.seq_offsets[-1] + later.seq_offsets[1:]]),
+            prompt_lens=np.concatenate([self.prompt_lens, later.prompt_lens]),
+            prompt_ids=np.concatenate([self.prompt_ids, later.prompt_ids]),
+            temperatures=np.concatenate([self.temperatures, later.temperatures]),
+            topk_ids=np.concatenate([self.topk_ids, later.topk_ids]),
+            topk_logprobs=np.concatenate([self.topk_logprobs, later.topk_logprobs]),
+            meta=later.meta)
+
     @classmethod
     def load(cls, path: Path) -> DistillData:
         with np.load(path) as f:
@@ -452,8 +465,14 @@ def job_schedule(num_prompts: int, greedy_fraction: float, temperature: float,
         epoch += 1
 
 
-def generate_data(args: argparse.Namespace, prompts: list[Prompt], key: dict) -> DistillData:
-    """Runs the target in vLLM until `args.num_tokens` completion tokens exist."""
+def generate_data(args: argparse.Namespace, prompts: list[Prompt], key: dict,
+                  done: DistillData | None = None) -> DistillData:
+    """Runs the target in vLLM until `args.num_tokens` completion tokens exist.
+
+    `done`: data of the same settings for fewer tokens; generation continues
+    after its last job, so every sequence is the one a run from scratch makes
+    for that job (where a run stops depends on its batches: a few jobs either way).
+    """
     from vllm import LLM, SamplingParams
 
     # Each request carries its own seed, so a sequence depends on --seed and
@@ -470,9 +489,13 @@ def generate_data(args: argparse.Namespace, prompts: list[Prompt], key: dict) ->
         texts = [render(p, tokenizer) for p in prompts]
         jobs = job_schedule(len(prompts), args.greedy_fraction, args.temperature,
                             np.random.default_rng(args.seed))
+        num_jobs = done.meta["jobs"] if done else 0
+        for _ in range(num_jobs):
+            next(jobs)
         seqs, ids, logps = [], [], []
-        total, num_jobs, start = 0, 0, time.perf_counter()
+        total, start = (len(done.topk_ids) if done else 0), time.perf_counter()
         bar = Progress(args.num_tokens, "generating", "tok")
+        bar.update(total)
         while total < args.num_tokens:
             # Size each vLLM batch to what is still missing, so small runs do
             # not overshoot by a whole batch of max-length completions.
@@ -500,16 +523,19 @@ def generate_data(args: argparse.Namespace, prompts: list[Prompt], key: dict) ->
         seconds = time.perf_counter() - start
     finally:
         llm.llm_engine.engine_core.shutdown()
-    lens = [len(pr) + len(c) for _, _, pr, c in seqs]
-    meta = {**key, "generation_seconds": round(seconds, 1),
+    if done:
+        seconds += done.meta["generation_seconds"]
+    meta = {**key, "jobs": num_jobs, "generation_seconds": round(seconds, 1),
             "generated_tokens": total, "generation_tok_per_s": round(total / seconds, 1)}
-    return DistillData(
+    lens = [len(pr) + len(c) for _, _, pr, c in seqs]
+    generated = DistillData(
         tokens=np.array([t for _, _, pr, c in seqs for t in pr + c], dtype=np.int32),
         seq_offsets=np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
         prompt_lens=np.array([len(pr) for _, _, pr, _ in seqs], dtype=np.int32),
         prompt_ids=np.array([p for p, _, _, _ in seqs], dtype=np.int32),
         temperatures=np.array([t for _, t, _, _ in seqs], dtype=np.float32),
         topk_ids=np.concatenate(ids), topk_logprobs=np.concatenate(logps), meta=meta)
+    return done.extended_by(generated) if done else generated
 
 
 def topk_arrays(logprobs, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -534,19 +560,47 @@ def load_or_generate(args: argparse.Namespace) -> DistillData:
     prompts = build_prompts()
     key = data_key(args, prompts)
     path = args.out / DATA_FILE
+    done = None
     if path.is_file():
         data = DistillData.load(path)
         if {k: data.meta.get(k) for k in key} == key:
             logger.info("reusing %s (%d sequences, %d completion tokens)",
                         path, data.num_seqs, len(data.topk_ids))
             return data
-        logger.info("%s was made with other settings; regenerating", path)
-    data = generate_data(args, prompts, key)
+        done = extendable(data, key, args)
+        if done:
+            logger.info("%s holds %d of the %d completion tokens; generating the rest",
+                        path, len(done.topk_ids), args.num_tokens)
+        else:
+            logger.info("%s was made with other settings; regenerating", path)
+    data = generate_data(args, prompts, key, done)
     args.out.mkdir(parents=True, exist_ok=True)
     data.save(path)
     logger.info("generated %d sequences, %d completion tokens in %.0f s (%.0f tok/s) -> %s",
                 data.num_seqs, len(data.topk_ids), data.meta["generation_seconds"],
                 data.meta["generation_tok_per_s"], path)
+    return data
+
+
+def extendable(data: DistillData, key: dict, args: argparse.Namespace) -> DistillData | None:
+    """`data`, with its job count in its meta, if it is a shorter run of the
+    same settings that generation can continue; else None.
+
+    A cache from before the job count was kept qualifies when its sequences
+    are exactly the schedule's first jobs (no job came back empty).
+    """
+    if any(data.meta.get(k) != v for k, v in key.items() if k != "num_tokens"):
+        return None
+    if len(data.topk_ids) >= args.num_tokens:
+        return None
+    if "jobs" not in data.meta:
+        schedule = job_schedule(len(build_prompts()), args.greedy_fraction,
+                                args.temperature, np.random.default_rng(args.seed))
+        expected = [next(schedule) for _ in range(data.num_seqs)]
+        stored = list(zip(data.prompt_ids.tolist(), data.temperatures.tolist()))
+        if [(p, float(np.float32(t))) for p, t in expected] != stored:
+            return None
+        data.meta["jobs"] = data.num_seqs
     return data
 
 
