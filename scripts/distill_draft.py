@@ -465,6 +465,13 @@ def job_schedule(num_prompts: int, greedy_fraction: float, temperature: float,
         epoch += 1
 
 
+def args_job_schedule(args: argparse.Namespace, num_prompts: int):
+    """The job schedule of these settings: generation runs it, and a cache
+    without a job count is checked against it."""
+    return job_schedule(num_prompts, args.greedy_fraction, args.temperature,
+                        np.random.default_rng(args.seed))
+
+
 def generate_data(args: argparse.Namespace, prompts: list[Prompt], key: dict,
                   done: DistillData | None = None) -> DistillData:
     """Runs the target in vLLM until `args.num_tokens` completion tokens exist.
@@ -487,8 +494,7 @@ def generate_data(args: argparse.Namespace, prompts: list[Prompt], key: dict,
     try:
         tokenizer = llm.get_tokenizer()
         texts = [render(p, tokenizer) for p in prompts]
-        jobs = job_schedule(len(prompts), args.greedy_fraction, args.temperature,
-                            np.random.default_rng(args.seed))
+        jobs = args_job_schedule(args, len(prompts))
         num_jobs = done.meta["jobs"] if done else 0
         for _ in range(num_jobs):
             next(jobs)
@@ -567,7 +573,7 @@ def load_or_generate(args: argparse.Namespace) -> DistillData:
             logger.info("reusing %s (%d sequences, %d completion tokens)",
                         path, data.num_seqs, len(data.topk_ids))
             return data
-        done = extendable(data, key, args)
+        done = extendable(data, key, args, len(prompts))
         if done:
             logger.info("%s holds %d of the %d completion tokens; generating the rest",
                         path, len(done.topk_ids), args.num_tokens)
@@ -582,7 +588,8 @@ def load_or_generate(args: argparse.Namespace) -> DistillData:
     return data
 
 
-def extendable(data: DistillData, key: dict, args: argparse.Namespace) -> DistillData | None:
+def extendable(data: DistillData, key: dict, args: argparse.Namespace,
+               num_prompts: int) -> DistillData | None:
     """`data`, with its job count in its meta, if it is a shorter run of the
     same settings that generation can continue; else None.
 
@@ -594,8 +601,7 @@ def extendable(data: DistillData, key: dict, args: argparse.Namespace) -> Distil
     if len(data.topk_ids) >= args.num_tokens:
         return None
     if "jobs" not in data.meta:
-        schedule = job_schedule(len(build_prompts()), args.greedy_fraction,
-                                args.temperature, np.random.default_rng(args.seed))
+        schedule = args_job_schedule(args, num_prompts)
         expected = [next(schedule) for _ in range(data.num_seqs)]
         stored = list(zip(data.prompt_ids.tolist(), data.temperatures.tolist()))
         if [(p, float(np.float32(t))) for p, t in expected] != stored:

@@ -109,3 +109,26 @@ def test_a_cache_of_other_settings_is_regenerated_not_extended(tmp_path, fake_ta
     data = distill_draft.load_or_generate(args)
     assert data.meta["temperature"] == 0.5
     assert set(np.unique(data.temperatures)) <= {0.0, np.float32(0.5)}
+
+
+def test_a_cache_without_a_job_count_is_continued_when_it_matches_the_schedule(
+        tmp_path, fake_target):
+    fresh = run(tmp_path / "fresh", 3000, gen_batch=64)
+    short = run(tmp_path / "old", 1200, gen_batch=16)
+    path = tmp_path / "old" / distill_draft.DATA_FILE
+    del short.meta["jobs"]  # as caches were written before the job count
+    short.save(path)
+    grown = run(tmp_path / "old", 3000, gen_batch=64)
+    assert grown.num_seqs > short.num_seqs
+    common = min(fresh.num_seqs, grown.num_seqs)
+    np.testing.assert_array_equal(first_sequences(grown, common)["tokens"],
+                                  first_sequences(fresh, common)["tokens"])
+    # A cache whose sequences are not the schedule's first jobs is redone.
+    redone_short = run(tmp_path / "odd", 1200, gen_batch=16)
+    del redone_short.meta["jobs"]
+    redone_short.prompt_ids[0] += 1
+    redone_short.save(tmp_path / "odd" / distill_draft.DATA_FILE)
+    redone = run(tmp_path / "odd", 3000, gen_batch=64)
+    np.testing.assert_array_equal(first_sequences(redone, common)["tokens"],
+                                  first_sequences(fresh, common)["tokens"])
+    assert redone.prompt_ids[0] == fresh.prompt_ids[0]
