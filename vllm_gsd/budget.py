@@ -18,9 +18,18 @@ accepted nodes / sum of p over verified nodes at that depth.
 Cost. `StepCostModel` fits the measured time of a decode step, linear in
 the step's target tokens, its requests verified with a tree (the tree
 path's per-request work: positions, replay planning, the acceptance walk),
-its replayed branches and its replay waves (kernel calls), by recursive
-least squares with forgetting (and clipped residuals), so it follows the
-operating point. The draft's time per step is measured per batch size (see
+its replayed branches and its replay waves (kernel calls). A shared CPU
+drifts through slow and fast phases (at batch 1, means over 20 plain steps
+moved between 37 and 54 ms within one run) far larger than what a tree node
+costs (2-5 ms), and a step is as slow as its neighbours (lag-1 correlation
+0.65). So the shape's costs are fitted, by recursive least squares with
+forgetting and clipped residuals, to the differences between consecutive
+decode steps of different shapes, where the phase cancels; the level they
+stand on is the median over the last few steps. Fitted to the times
+themselves, the trees' cost took the blame for whatever phase the plain
+steps were not measured in: one run went from pricing a one-node tree at
++1 ms to +15 ms beside paired differences of +4 to +7 ms, and stopped
+drafting. The draft's time per step is measured per batch size (see
 below), and the time between steps (scheduler, output processing) is a
 running mean.
 
@@ -44,9 +53,9 @@ says little about the next one's). The next steps draft the depth of the
 best gain; every `probe_interval` steps they draft all levels, so the
 deeper gains stay current. While no gain is above 1 the steps do not
 draft at all, except a probe (all levels) every `probe_interval` steps;
-each probe that finds drafting still not paying doubles the interval (up
-to MAX_PROBE_INTERVAL), and weighs more in the averages than a drafting
-step does. Such a probe, like the first step at a batch size, drafts a
+each probe that finds drafting clearly not paying (a gain under
+CLOSE_CALL_GAIN) doubles the interval (up to MAX_PROBE_INTERVAL), and a
+probe weighs more in the averages than a drafting step does. Such a probe, like the first step at a batch size, drafts a
 random sample of the batch (PROBE_REQUESTS), whose nodes stand for the
 batch's: drafting them all would first catch up on every request's
 tokens since it was last drafted, most of a probe's cost in a large
@@ -164,29 +173,53 @@ class StepShape:
         return np.array([self.tokens, self.trees, self.branches, self.waves], dtype=float)
 
 
-def _cost_features(shapes: np.ndarray) -> np.ndarray:
-    """[n, 5] from `StepShape.as_array` rows [n, 4]: what a step's time is
-    linear in (a constant, then the shape)."""
-    return np.concatenate([np.ones((len(shapes), 1)), shapes], axis=1)
-
-
 class StepCostModel:
     """Predicted milliseconds of target steps, draft work and the gap
-    between steps, all learned from measurements."""
+    between steps, all learned from measurements (see the module docstring)."""
 
     _GAP_DECAY = 0.95
+    LEVEL_WINDOW = 16
+    """Recent decode steps whose median residual is the level the shape's
+    costs stand on: long enough to shrug off a slow step, short enough to
+    follow a phase of the machine."""
+    SHAPE_FORGETTING = 0.98
+    """Per difference of shapes: steady drafting sees a few per 16 steps (its
+    plain and all-levels steps), a stalled one two per probe, so a longer
+    memory would keep a noisy warm-up's estimate for hundreds of steps."""
 
     def __init__(self, forgetting: float = 0.99):
         # Priors matter only until the first few steps are measured.
-        self.target = RecursiveLeastSquares(5, forgetting, np.zeros(5), 1e4)
+        self.shape_ms = RecursiveLeastSquares(4, self.SHAPE_FORGETTING, np.zeros(4), 1e4)
+        """Milliseconds per unit of each `StepShape.as_array` feature."""
         self._forgetting = forgetting
+        self._previous: tuple[np.ndarray, float] | None = None
+        self._recent: deque[tuple[np.ndarray, float]] = deque(maxlen=self.LEVEL_WINDOW)
         self.draft: dict[int, RecursiveLeastSquares] = {}
         """Per draft level (0: the catch-up and everything but the later
         passes; l: the l-th pass after it), its time linear in the requests."""
         self.gap_ms = 0.0
 
     def observe_target(self, shape: StepShape, ms: float) -> None:
-        self.target.update(_cost_features(shape.as_array()[None])[0], ms)
+        """A decode step's time; the step right after the last one observed
+        unless `break_sequence` was called between them."""
+        x = shape.as_array()
+        if self._previous is not None:
+            previous_x, previous_ms = self._previous
+            if (x != previous_x).any():
+                self.shape_ms.update(x - previous_x, ms - previous_ms)
+        self._previous = (x, ms)
+        self._recent.append((x, ms))
+
+    def break_sequence(self) -> None:
+        """The next step observed does not follow the last one (a step with
+        prompt tokens ran between them): their difference is no pair."""
+        self._previous = None
+
+    def level_ms(self) -> float:
+        """What a step costs beyond its shape's fitted costs, now."""
+        if not self._recent:
+            return 0.0
+        return float(np.median([ms - x @ self.shape_ms.weights for x, ms in self._recent]))
 
     def observe_draft(self, level: int, num_requests: int, ms: float) -> None:
         fit = self.draft.setdefault(level, RecursiveLeastSquares(
@@ -199,7 +232,7 @@ class StepCostModel:
     def step_ms_each(self, shapes: np.ndarray) -> np.ndarray:
         """Predicted time of steps of these shapes (`StepShape.as_array`
         rows [n, 4]), gap included. Returns [n]."""
-        predicted = _cost_features(shapes) @ self.target.weights
+        predicted = self.level_ms() + shapes @ self.shape_ms.weights
         return np.maximum(predicted, 1e-3) + self.gap_ms
 
     def draft_level_ms(self, level: int, num_requests: int) -> float:
@@ -272,6 +305,13 @@ time (at batch 16 on the CPU: its sample's catch-up, two draft passes
 and a tree step, beside a 75 ms step), so where drafting clearly does
 not pay, probes must be rare to cost little."""
 
+CLOSE_CALL_GAIN = 0.85
+"""A gain at or above this is a close call: probes stay at `probe_interval`
+instead of growing rarer. On the CPU at batch 1 drafting pays 1.05-1.15x,
+and one probe's gain is off by about 0.1 (its tree, the cost model's
+noise), so a run could stop drafting on one unlucky estimate and, with
+probes growing rarer, not draft again for 500 steps (three of six short
+runs). Such a probe costs at most 15 % of a step every 16 steps."""
 
 PLAIN_CHECK_BELOW_GAIN = 1.25
 """While the best gain is below this, a plain step every `probe_interval`
@@ -315,7 +355,8 @@ class GraphBudget:
     drafts, its trees cut by `WARMUP_TREE_FRACTIONS`."""
     probe_interval: int = 16
     """While drafting does not pay, every this many steps drafts anyway; each
-    probe that confirms it doubles the interval, up to MAX_PROBE_INTERVAL.
+    probe that finds it clearly not paying (under CLOSE_CALL_GAIN) doubles
+    the interval, up to MAX_PROBE_INTERVAL.
     While a shallower draft pays best, every this many steps drafts all
     levels, so the deeper ones' gains stay current."""
     gain_decay: float = 0.9
@@ -473,7 +514,7 @@ class GraphBudget:
                 decay = self.gain_decay if consecutive else self.probe_gain_decay
                 state.gains[levels] = decay * state.gains[levels] + (1 - decay) * gain
             state.measured_at[levels] = self._steps
-        if state.gains[state.best_levels()] > 1.0:
+        if state.gains[state.best_levels()] >= CLOSE_CALL_GAIN:
             state.probe_interval = self.probe_interval
         elif not (was_paying or first):
             state.probe_interval = min(2 * state.probe_interval, MAX_PROBE_INTERVAL)

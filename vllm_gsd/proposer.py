@@ -452,6 +452,7 @@ class _StepTiming:
     def finish(self, costs: StepCostModel) -> None:
         if self._shape is None:  # an unmeasured step: no gap after it either
             self._ended = None
+            costs.break_sequence()
             return
         now = time.perf_counter()
         self._last_step_ms = (now - self._started) * 1e3
