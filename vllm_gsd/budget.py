@@ -53,8 +53,8 @@ says little about the next one's). The next steps draft the depth of the
 best gain; every `probe_interval` steps they draft all levels, so the
 deeper gains stay current. While no gain is above 1 the steps do not
 draft at all, except a probe (all levels) every `probe_interval` steps;
-each probe that finds drafting clearly not paying (a gain under
-CLOSE_CALL_GAIN) doubles the interval (up to MAX_PROBE_INTERVAL), and a
+each probe that finds drafting not paying, in a small batch clearly
+not (a gain under CLOSE_CALL_GAIN), doubles the interval (up to MAX_PROBE_INTERVAL), and a
 probe weighs more in the averages than a drafting step does. Such a probe, like the first step at a batch size, drafts a
 random sample of the batch (PROBE_REQUESTS), whose nodes stand for the
 batch's: drafting them all would first catch up on every request's
@@ -306,12 +306,15 @@ and a tree step, beside a 75 ms step), so where drafting clearly does
 not pay, probes must be rare to cost little."""
 
 CLOSE_CALL_GAIN = 0.85
-"""A gain at or above this is a close call: probes stay at `probe_interval`
-instead of growing rarer. On the CPU at batch 1 drafting pays 1.05-1.15x,
-and one probe's gain is off by about 0.1 (its tree, the cost model's
-noise), so a run could stop drafting on one unlucky estimate and, with
-probes growing rarer, not draft again for 500 steps (three of six short
-runs). Such a probe costs at most 15 % of a step every 16 steps."""
+"""A gain at or above this is a close call: in a batch of at most
+PROBE_REQUESTS, probes stay at `probe_interval` instead of growing rarer.
+On the CPU at batch 1 drafting pays 1.05-1.15x, and one probe's gain is
+off by about 0.1 (its tree, the cost model's noise), so a run could stop
+drafting on one unlucky estimate and, with probes growing rarer, not draft
+again for 500 steps (three of six short runs). There a probe costs about
+(1 - gain) of a step, plus a short catch-up. In a larger batch the
+catch-up of the probe's sample costs up to a step (the gain leaves it
+out): probes every 16 steps at batch 16 cost 8 % of its throughput."""
 
 PLAIN_CHECK_BELOW_GAIN = 1.25
 """While the best gain is below this, a plain step every `probe_interval`
@@ -355,8 +358,8 @@ class GraphBudget:
     drafts, its trees cut by `WARMUP_TREE_FRACTIONS`."""
     probe_interval: int = 16
     """While drafting does not pay, every this many steps drafts anyway; each
-    probe that finds it clearly not paying (under CLOSE_CALL_GAIN) doubles
-    the interval, up to MAX_PROBE_INTERVAL.
+    probe that finds it not paying (in a small batch, clearly: see
+    CLOSE_CALL_GAIN) doubles the interval, up to MAX_PROBE_INTERVAL.
     While a shallower draft pays best, every this many steps drafts all
     levels, so the deeper ones' gains stay current."""
     gain_decay: float = 0.9
@@ -376,6 +379,8 @@ class GraphBudget:
     """This step drafts at most PROBE_REQUESTS unpinned requests."""
     _rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
     _steps: int = 0
+    _num_requests: int = 0
+    """Decoding requests in the current step."""
 
     def __post_init__(self) -> None:
         self.calibration = AcceptanceCalibration(self.max_depth)
@@ -401,6 +406,7 @@ class GraphBudget:
         """Starts a draft step of `num_requests` decoding requests; returns
         how many levels unpinned requests are drafted (0: none)."""
         self._steps += 1
+        self._num_requests = num_requests
         # The gain of drafting falls as the batch grows (less spare compute):
         # each batch size keeps its own, so a change of load starts afresh.
         state = self._by_batch_size.setdefault(
@@ -514,7 +520,9 @@ class GraphBudget:
                 decay = self.gain_decay if consecutive else self.probe_gain_decay
                 state.gains[levels] = decay * state.gains[levels] + (1 - decay) * gain
             state.measured_at[levels] = self._steps
-        if state.gains[state.best_levels()] >= CLOSE_CALL_GAIN:
+        close_call = (state.gains[state.best_levels()] >= CLOSE_CALL_GAIN
+                      and self._num_requests <= PROBE_REQUESTS)
+        if close_call or state.gains[state.best_levels()] > 1.0:
             state.probe_interval = self.probe_interval
         elif not (was_paying or first):
             state.probe_interval = min(2 * state.probe_interval, MAX_PROBE_INTERVAL)
