@@ -25,7 +25,7 @@ costs (2-5 ms), and a step is as slow as its neighbours (lag-1 correlation
 0.65). So the shape's costs are fitted, by recursive least squares with
 forgetting and clipped residuals, to the differences between consecutive
 decode steps of different shapes, where the phase cancels; the level they
-stand on is the median over the last few steps. Fitted to the times
+stand on is the median over the last 16 steps. Fitted to the times
 themselves, the trees' cost took the blame for whatever phase the plain
 steps were not measured in: one run went from pricing a one-node tree at
 +1 ms to +15 ms beside paired differences of +4 to +7 ms, and stopped
@@ -53,10 +53,11 @@ says little about the next one's). The next steps draft the depth of the
 best gain; every `probe_interval` steps they draft all levels, so the
 deeper gains stay current. While no gain is above 1 the steps do not
 draft at all, except a probe (all levels) every `probe_interval` steps;
-each probe that finds drafting not paying, in a small batch clearly
-not (a gain under CLOSE_CALL_GAIN), doubles the interval (up to MAX_PROBE_INTERVAL), and a
-probe weighs more in the averages than a drafting step does. Such a probe, like the first step at a batch size, drafts a
-random sample of the batch (PROBE_REQUESTS), whose nodes stand for the
+each probe that finds drafting not paying (in a small batch, clearly
+not: a gain under CLOSE_CALL_GAIN) doubles the interval (up to
+MAX_PROBE_INTERVAL), and a probe weighs more in the averages than a
+drafting step does. Such a probe, like the first step at a batch size,
+drafts a random sample of the batch (PROBE_REQUESTS), whose nodes stand for the
 batch's: drafting them all would first catch up on every request's
 tokens since it was last drafted, most of a probe's cost in a large
 batch. Measuring steps (probes, and the all-levels steps) also
@@ -311,7 +312,7 @@ PROBE_REQUESTS, probes stay at `probe_interval` instead of growing rarer.
 On the CPU at batch 1 drafting pays 1.05-1.15x, and one probe's gain is
 off by about 0.1 (its tree, the cost model's noise), so a run could stop
 drafting on one unlucky estimate and, with probes growing rarer, not draft
-again for 500 steps (three of six short runs). There a probe costs about
+again for 500 steps (5 of 9 short runs). There a probe costs about
 (1 - gain) of a step, plus a short catch-up. In a larger batch the
 catch-up of the probe's sample costs up to a step (the gain leaves it
 out): probes every 16 steps at batch 16 cost 8 % of its throughput."""
