@@ -213,7 +213,7 @@ def test_a_close_call_keeps_probing_in_a_small_batch(batch, ms_per_token, interv
     """Where drafting almost pays, one probe's estimate decides little: the
     probes stay at the base interval, so a gain a little too low from one
     unlucky tree is soon corrected (on the CPU at batch 1, growing intervals
-    left three short runs in six undrafted for 500 steps)."""
+    left 5 short runs in 9 nearly undrafted for 500 steps)."""
     budget = trained_budget(ms_per_token=ms_per_token, fixed_ms=40.0, ms_per_branch=0.0)
     budget.probe_interval = 16
     poor = [BudgetRequest(FlatTree((1,), (-1,), (1,), (0.1,)), greedy=True)] * batch

@@ -195,6 +195,10 @@ class StepCostModel:
         self._forgetting = forgetting
         self._previous: tuple[np.ndarray, float] | None = None
         self._recent: deque[tuple[np.ndarray, float]] = deque(maxlen=self.LEVEL_WINDOW)
+        self.level_ms = 0.0
+        """What a step costs beyond its shape's fitted costs, now: the
+        median over the recent steps (refreshed with each observation, the
+        only time it changes, not with each of a step's predictions)."""
         self.draft: dict[int, RecursiveLeastSquares] = {}
         """Per draft level (0: the catch-up and everything but the later
         passes; l: the l-th pass after it), its time linear in the requests."""
@@ -210,17 +214,13 @@ class StepCostModel:
                 self.shape_ms.update(x - previous_x, ms - previous_ms)
         self._previous = (x, ms)
         self._recent.append((x, ms))
+        self.level_ms = float(np.median(
+            [step_ms - step_x @ self.shape_ms.weights for step_x, step_ms in self._recent]))
 
     def break_sequence(self) -> None:
         """The next step observed does not follow the last one (a step with
         prompt tokens ran between them): their difference is no pair."""
         self._previous = None
-
-    def level_ms(self) -> float:
-        """What a step costs beyond its shape's fitted costs, now."""
-        if not self._recent:
-            return 0.0
-        return float(np.median([ms - x @ self.shape_ms.weights for x, ms in self._recent]))
 
     def observe_draft(self, level: int, num_requests: int, ms: float) -> None:
         fit = self.draft.setdefault(level, RecursiveLeastSquares(
@@ -233,7 +233,7 @@ class StepCostModel:
     def step_ms_each(self, shapes: np.ndarray) -> np.ndarray:
         """Predicted time of steps of these shapes (`StepShape.as_array`
         rows [n, 4]), gap included. Returns [n]."""
-        predicted = self.level_ms() + shapes @ self.shape_ms.weights
+        predicted = self.level_ms + shapes @ self.shape_ms.weights
         return np.maximum(predicted, 1e-3) + self.gap_ms
 
     def draft_level_ms(self, level: int, num_requests: int) -> float:
