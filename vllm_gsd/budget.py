@@ -49,7 +49,8 @@ one-node chain pays 1.15x where whole depth-2 trees pay nothing). So for
 each depth d up to the one drafted, the best prefix of the nodes no deeper
 than d, with the time of drafting d levels added, over plain decoding's
 rate, is a gain, averaged per depth over recent steps (one step's tree
-says little about the next one's). The next steps draft the depth of the
+says little about the next one's; a step of many trees says more, and
+weighs more: `gain_decay`). The next steps draft the depth of the
 best gain; every `probe_interval` steps they draft all levels, so the
 deeper gains stay current. While no gain is above 1 the steps do not
 draft at all, except a probe (all levels) every `probe_interval` steps;
@@ -365,7 +366,12 @@ class GraphBudget:
     levels, so the deeper ones' gains stay current."""
     gain_decay: float = 0.9
     """Weight of the past in a depth's running gain when the step before
-    measured it too (drafting at that depth pays: every step measures it)."""
+    measured it too (drafting at that depth pays: every step measures it),
+    per tree the step verified: a step's gain averages its trees, so one
+    of n trees weighs as n one-tree steps (but never more than a probe).
+    At batch 12 on an AVX512 CPU, weighed as one tree, a probe's 1.19 kept
+    the batch drafting at a loss for 14 steps, its gain sinking 0.02 a
+    step toward the 0.9 each step measured."""
     probe_gain_decay: float = 0.5
     """Weight of the past when a probe measures a depth's gain."""
     costs: StepCostModel = field(default_factory=StepCostModel)
@@ -500,7 +506,7 @@ class GraphBudget:
     def _warming_up(self) -> bool:
         return self._steps <= self.warmup_steps
 
-    def _record_gains(self, gains: dict[int, float]) -> None:
+    def _record_gains(self, gains: dict[int, float], trees: int) -> None:
         state = self._current
         assert state is not None, "choose() before next_step()"
         if not gains:
@@ -518,7 +524,8 @@ class GraphBudget:
                 # drafted). Drafting that resumes wrongly costs little:
                 # every step then measures the gain.
                 consecutive = state.measured_at.get(levels) == self._steps - 1
-                decay = self.gain_decay if consecutive else self.probe_gain_decay
+                decay = (max(self.gain_decay ** trees, self.probe_gain_decay)
+                         if consecutive else self.probe_gain_decay)
                 state.gains[levels] = decay * state.gains[levels] + (1 - decay) * gain
             state.measured_at[levels] = self._steps
         close_call = (state.gains[state.best_levels()] >= CLOSE_CALL_GAIN
@@ -615,7 +622,7 @@ class GraphBudget:
             best_nodes = order[:self._warmup_tree_size(len(order))]
         elif self._exploring:
             best_nodes = best_nodes + self._deepest_path(requests, order, best_nodes)
-        self._record_gains(gains)
+        self._record_gains(gains, len(requests))
         for i, j, _ in best_nodes:
             chosen[i].append(j)
         return Choice([sorted(c) for c in chosen])
