@@ -2,7 +2,7 @@
 
     python scripts/acceptance_curve.py [--budgets 1 2 4 8 16 32 64] [--draft DIR]
         [--cap-budget 16] [--caps [8 16 32 64 128 256]] [--max-tokens 64]
-        [--dtype auto] [--out DIR]
+        [--paper-depths 3 4 5] [--dtype auto] [--out DIR]
 
 At temperature 0 the accepted length is fixed by the draft and the target,
 not by the machine, so this measures what the tree buys per verified node
@@ -18,6 +18,12 @@ graph size cap (`max_draft_nodes`) of --caps. Under a cap both graphs
 draft about as many nodes; merging shows as more τ for the same draft
 work, so its saving is read across caps: the draft tokens merging needs
 for a τ the unmerged graph reaches with more.
+Last, the paper's own regime (--paper-depths): graphs with no size cap,
+top_k 4, sibling_ratio 0.2 (the reference code's grid), every level to
+depth D drafted, the 100 most probable tree nodes verified (the
+reference's max_token): merging at τ = 1 and τ = 0 against none. There
+a merged candidate's subtree is really not drafted, so merging shows as
+fewer draft tokens for about the same τ.
 Reports τ (1 + accepted tokens / request-steps), verified nodes and draft
 tokens computed per request-step, and the merge rate; writes
 OUT/acceptance_curve.json and OUT/acceptance_curve.md.
@@ -37,6 +43,8 @@ from benchmark import PROMPTS, Engine, Method, machine, pick_dtype, summarize  #
 from prepare_models import DISTILLED_DRAFT_NAME, TARGET_NAME, default_out_dir  # noqa: E402
 
 KINDS = ("vLLM chain", "GSD chain", "GSD tree", "GSD tree no merge")
+PAPER_MERGE_CONTEXTS = (1, 0, -1)
+PAPER_VERIFY_NODES = 100
 
 
 def method(kind: str, budget: int, draft: str, cap: int | None = None) -> Method:
@@ -51,6 +59,15 @@ def method(kind: str, budget: int, draft: str, cap: int | None = None) -> Method
     shape.update(top_k=4, max_draft_nodes=cap or max(32, 4 * budget),
                  merge_context=1 if kind == "GSD tree" else -1)
     return Method(f"{kind} N={budget} cap={shape['max_draft_nodes']}", shape)
+
+
+def paper_method(depth: int, merge_context: int, draft: str) -> Method:
+    """The reference code's uncapped graph (research notes §3.4, §9)."""
+    return Method(f"paper D={depth} merge_context={merge_context}",
+                  {"method": "gsd", "model": draft, "budget": "fixed", "top_k": 4,
+                   "sibling_ratio": 0.2, "min_node_prob": 0.0, "max_depth": depth,
+                   "max_draft_nodes": 4096, "max_verify_nodes": PAPER_VERIFY_NODES,
+                   "merge_context": merge_context})
 
 
 def markdown(report: dict) -> str:
@@ -84,6 +101,22 @@ def markdown(report: dict) -> str:
             lines.append(f"| {row['cap']} | {m['tau']:.2f} | {m['draft_tokens_per_request_step']:.1f} "
                          f"| {m['merge_rate']:.3f} | {u['tau']:.2f} "
                          f"| {u['draft_tokens_per_request_step']:.1f} |")
+    if report["paper_regime"]:
+        lines += ["", "## Merging in the paper's regime: no graph size cap, top_k 4, "
+                  f"sibling_ratio 0.2, {PAPER_VERIFY_NODES} nodes verified", "",
+                  "| depth | merge_context | τ | τ / unmerged | draft tokens / req-step "
+                  "| / unmerged | verified / req-step | merge rate | same outputs |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for row in report["paper_regime"]:
+            base = row["methods"]["-1"]
+            for merge_context in PAPER_MERGE_CONTEXTS:
+                s = row["methods"][str(merge_context)]
+                lines.append(
+                    f"| {row['depth']} | {merge_context} | {s['tau']:.2f} "
+                    f"| {s['tau'] / base['tau']:.3f} | {s['draft_tokens_per_request_step']:.1f} "
+                    f"| {s['draft_tokens_per_request_step'] / base['draft_tokens_per_request_step']:.2f}x "
+                    f"| {s['verified_per_request_step']:.1f} | {s['merge_rate']:.3f} "
+                    f"| {'yes' if row['same_outputs'] else 'NO'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -96,6 +129,8 @@ def main() -> None:
     parser.add_argument("--cap-budget", type=int, default=16)
     parser.add_argument("--caps", type=int, nargs="*", default=[8, 16, 32, 64, 128, 256],
                         help="graph size caps of the merging sweep (none: no sweep)")
+    parser.add_argument("--paper-depths", type=int, nargs="*", default=[3, 4, 5],
+                        help="graph depths of the paper-regime merging sweep (none: no sweep)")
     parser.add_argument("--max-vllm-k", type=int, default=8,
                         help="largest K run with vLLM's draft_model (its chain "
                              "drafts K tokens every step whatever they earn)")
@@ -110,29 +145,30 @@ def main() -> None:
     report = {"started": datetime.datetime.now().isoformat(timespec="seconds"),
               "machine": machine(), "target": args.target, "draft": args.draft,
               "dtype": dtype, "max_tokens": args.max_tokens, "rows": [],
-              "cap_budget": args.cap_budget, "cap_sweep": []}
-    jobs = [(n, kind, None) for n in args.budgets for kind in KINDS
-            if kind != "vLLM chain" or n <= args.max_vllm_k]
-    jobs += [(args.cap_budget, kind, cap) for cap in args.caps
-             for kind in ("GSD tree", "GSD tree no merge")]
+              "cap_budget": args.cap_budget, "cap_sweep": [], "paper_regime": []}
+    # (report section, the row's key there, the method's label in the row, method)
+    jobs = [("rows", n, kind, method(kind, n, args.draft)) for n in args.budgets
+            for kind in KINDS if kind != "vLLM chain" or n <= args.max_vllm_k]
+    jobs += [("cap_sweep", cap, kind, method(kind, args.cap_budget, args.draft, cap))
+             for cap in args.caps for kind in ("GSD tree", "GSD tree no merge")]
+    jobs += [("paper_regime", depth, str(merge_context),
+              paper_method(depth, merge_context, args.draft))
+             for depth in args.paper_depths for merge_context in PAPER_MERGE_CONTEXTS]
     results: dict[tuple, dict] = {}
-    for n, kind, cap in tqdm(jobs, desc="engines"):
-        engine = Engine(ctx, args.target, method(kind, n, args.draft, cap), dtype, 1024)
+    outputs: dict[tuple, list] = {}
+    for section, key, kind, spec in tqdm(jobs, desc="engines"):
+        engine = Engine(ctx, args.target, spec, dtype, 1024)
         engine.wait_ready()
         run = engine.run(batch=len(PROMPTS), temperature=0.0,
                          max_tokens=args.max_tokens)
         engine.close()
-        results.setdefault((n, cap), {})[kind] = {
-            **summarize(engine.method, [run], [run]), "token_ids": run["token_ids"]}
-    outputs = {key: {kind: s.pop("token_ids") for kind, s in methods.items()}
-               for key, methods in results.items()}
-    reference = outputs[(args.budgets[0], None)]["GSD chain"]  # greedy: all equal
-    for (n, cap), methods in results.items():
-        same = all(o == reference for o in outputs[(n, cap)].values())
-        if cap is None:
-            report["rows"].append({"budget": n, "methods": methods, "same_outputs": same})
-        else:
-            report["cap_sweep"].append({"cap": cap, "methods": methods, "same_outputs": same})
+        results.setdefault((section, key), {})[kind] = summarize(spec, [run], [run])
+        outputs.setdefault((section, key), []).append(run["token_ids"])
+    reference = next(iter(outputs.values()))[0]  # greedy: every method's outputs equal
+    row_key = {"rows": "budget", "cap_sweep": "cap", "paper_regime": "depth"}
+    for (section, key), methods in results.items():
+        report[section].append({row_key[section]: key, "methods": methods, "same_outputs":
+                                all(o == reference for o in outputs[(section, key)])})
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "acceptance_curve.json").write_text(json.dumps(report, indent=1))
     (args.out / "acceptance_curve.md").write_text(markdown(report))
