@@ -44,7 +44,10 @@ from prepare_models import DISTILLED_DRAFT_NAME, TARGET_NAME, default_out_dir  #
 
 KINDS = ("vLLM chain", "GSD chain", "GSD tree", "GSD tree no merge")
 PAPER_MERGE_CONTEXTS = (1, 0, -1)
-PAPER_VERIFY_NODES = 100
+PAPER_GRAPH = {"top_k": 4, "sibling_ratio": 0.2, "min_node_prob": 0.0,
+               "max_draft_nodes": 4096, "max_verify_nodes": 100}
+"""The reference code's graph (research notes §3.4, §9): no size cap (our
+largest), its sibling-threshold grid's 0.2, its 100 verified tree tokens."""
 
 
 def method(kind: str, budget: int, draft: str, cap: int | None = None) -> Method:
@@ -62,12 +65,9 @@ def method(kind: str, budget: int, draft: str, cap: int | None = None) -> Method
 
 
 def paper_method(depth: int, merge_context: int, draft: str) -> Method:
-    """The reference code's uncapped graph (research notes §3.4, §9)."""
     return Method(f"paper D={depth} merge_context={merge_context}",
-                  {"method": "gsd", "model": draft, "budget": "fixed", "top_k": 4,
-                   "sibling_ratio": 0.2, "min_node_prob": 0.0, "max_depth": depth,
-                   "max_draft_nodes": 4096, "max_verify_nodes": PAPER_VERIFY_NODES,
-                   "merge_context": merge_context})
+                  {"method": "gsd", "model": draft, "budget": "fixed", **PAPER_GRAPH,
+                   "max_depth": depth, "merge_context": merge_context})
 
 
 def markdown(report: dict) -> str:
@@ -102,8 +102,9 @@ def markdown(report: dict) -> str:
                          f"| {m['merge_rate']:.3f} | {u['tau']:.2f} "
                          f"| {u['draft_tokens_per_request_step']:.1f} |")
     if report["paper_regime"]:
-        lines += ["", "## Merging in the paper's regime: no graph size cap, top_k 4, "
-                  f"sibling_ratio 0.2, {PAPER_VERIFY_NODES} nodes verified", "",
+        lines += ["", "## Merging in the paper's regime: no graph size cap, top_k "
+                  f"{PAPER_GRAPH['top_k']}, sibling_ratio {PAPER_GRAPH['sibling_ratio']}, "
+                  f"{PAPER_GRAPH['max_verify_nodes']} nodes verified", "",
                   "| depth | merge_context | τ | τ / unmerged | draft tokens / req-step "
                   "| / unmerged | verified / req-step | merge rate | same outputs |",
                   "|---|---|---|---|---|---|---|---|---|"]

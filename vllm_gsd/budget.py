@@ -57,9 +57,9 @@ draft at all, except a probe (all levels) every `probe_interval` steps;
 each probe that finds drafting not paying (in a small batch, clearly
 not: a gain under CLOSE_CALL_GAIN) doubles the interval (up to
 MAX_PROBE_INTERVAL), and a probe weighs at least as much in the
-averages as a drafting step does. Such a probe, like the first step at a batch size,
-drafts a random sample of the batch (PROBE_REQUESTS), whose nodes stand for the
-batch's: drafting them all would first catch up on every request's
+averages as a drafting step does. Such a probe, like the first step at
+a batch size, drafts a random sample of the batch (PROBE_REQUESTS),
+whose nodes stand for the batch's: drafting them all would first catch up on every request's
 tokens since it was last drafted, most of a probe's cost in a large
 batch. Measuring steps (probes, and the all-levels steps) also
 verify the path to their most valuable deepest node: acceptance and tree
