@@ -66,8 +66,12 @@ DEEP_GRAPH = {"max_depth": 5, "max_verify_nodes": 16, "max_draft_nodes": 48}
 # Merging is compared on whole trees: the adaptive budget would cut the two
 # graphs differently and blur the draft work each one needs.
 WHOLE_TREES = {"budget": "fixed"}
-METHOD_KINDS = ("plain", "draft_model", "ngram", "GSD", "GSD fixed", "GSD deep",
-                "GSD deep no merge")
+# GSD without context lookup: the draft's graph alone (merging is compared
+# on it, so that lookup paths, the same with merging or without, do not
+# dilute the difference).
+NO_LOOKUP = {"lookup_tokens": 0}
+METHOD_KINDS = ("plain", "draft_model", "ngram", "GSD", "GSD no lookup", "GSD fixed",
+                "GSD deep", "GSD deep no merge")
 
 # Seconds between two methods' runs: idle OpenMP threads of the previous
 # engine spin briefly on these two shared cores.
@@ -238,7 +242,7 @@ def summarize(method: Method, runs: list[dict], plain_runs: list[dict]) -> dict:
         "speedup_min": min(ratios), "speedup_max": max(ratios),
         "tau": 1.0, "accept_by_depth": [], "verified_per_request_step": 0.0,
         "draft_passes_per_step": 0.0, "draft_tokens_per_request_step": 0.0,
-        "merge_rate": None,
+        "merge_rate": None, "lookup_share": None,
     }
     if drafts:
         accepted = d["vllm:spec_decode_num_accepted_tokens"]
@@ -251,6 +255,8 @@ def summarize(method: Method, runs: list[dict], plain_runs: list[dict]) -> dict:
         summary["draft_tokens_per_request_step"] = g["draft_tokens"] / max(g["graphs"], 1)
         candidates = g["graph_nodes"] + g["merged_edges"]
         summary["merge_rate"] = g["merged_edges"] / candidates if candidates else 0.0
+    if g and g["accepted_tokens"]:
+        summary["lookup_share"] = g["lookup_accepted_tokens"] / g["accepted_tokens"]
     elif method.chain_k and drafts:
         # vLLM's draft_model: the first pass feeds the tokens accepted last step
         # (τ on average), each of the K-1 further passes one token.
@@ -285,11 +291,13 @@ def markdown(report: dict) -> str:
     lines += ["## Side by side", "",
               "| batch | T | method | tok/s median [min-max] | speedup vs plain [min-max] "
               "| τ | acceptance by depth | verified nodes / req-step "
-              "| draft passes / step | draft tokens / req-step | merge rate | = plain |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| draft passes / step | draft tokens / req-step | merge rate "
+              "| accepted via lookup | = plain |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for w in report["workloads"]:
         for name, s in w["methods"].items():
             merge = "" if s["merge_rate"] is None else f"{s['merge_rate']:.2f}"
+            lookup = "" if s.get("lookup_share") is None else f"{s['lookup_share']:.2f}"
             same = {True: "yes", False: "NO", None: ""}[s.get("identical_to_plain")]
             lines.append(
                 f"| {w['batch']} | {w['temperature']} | {name} "
@@ -297,7 +305,7 @@ def markdown(report: dict) -> str:
                 f"| {s['speedup_median']:.2f}x [{s['speedup_min']:.2f}-{s['speedup_max']:.2f}] "
                 f"| {s['tau']:.2f} | {' '.join(f'{a:.2f}' for a in s['accept_by_depth'])} "
                 f"| {s['verified_per_request_step']:.1f} | {s['draft_passes_per_step']:.1f} "
-                f"| {s['draft_tokens_per_request_step']:.1f} | {merge} | {same} |")
+                f"| {s['draft_tokens_per_request_step']:.1f} | {merge} | {lookup} | {same} |")
     return "\n".join(lines) + "\n"
 
 
@@ -406,13 +414,14 @@ def main() -> None:
             "method": "ngram", "num_speculative_tokens": args.ngram_k,
             "prompt_lookup_min": 2, "prompt_lookup_max": 4}),
         "GSD": Method("GSD", gsd),
+        "GSD no lookup": Method("GSD no lookup", {**gsd, **NO_LOOKUP}),
         "GSD fixed": Method("GSD fixed", {**gsd, **WHOLE_TREES}),
         # Merging needs depth: at the tuned depth of 2 a candidate rarely
         # repeats another node's token after the same token (under 1 % merge
         # in docs/benchmarks.md), so it is measured on deep graphs.
-        "GSD deep": Method("GSD deep", {**gsd, **DEEP_GRAPH, **WHOLE_TREES}),
+        "GSD deep": Method("GSD deep", {**gsd, **DEEP_GRAPH, **WHOLE_TREES, **NO_LOOKUP}),
         "GSD deep no merge": Method("GSD deep no merge", {
-            **gsd, **DEEP_GRAPH, **WHOLE_TREES, "merge_context": -1}),
+            **gsd, **DEEP_GRAPH, **WHOLE_TREES, **NO_LOOKUP, "merge_context": -1}),
     }
     methods = [methods[kind] for kind in METHOD_KINDS
                if kind in set(args.methods) | {"plain"}]

@@ -419,16 +419,27 @@ def test_a_step_weighs_as_many_trees_as_it_verified(batch, least_steps, most_ste
     assert least_steps <= drafted_steps <= most_steps
 
 
-def test_calibration_learns_the_acceptance_per_depth():
+def test_calibration_learns_the_acceptance_per_depth_and_kind():
     calibration = AcceptanceCalibration(max_depth=3, decay=1.0)
     chain = FlatTree.chain([1, 2])
     chain = FlatTree(chain.tokens, chain.parents, chain.depths, (0.5, 0.25))
+    greedy = BudgetRequest(chain, greedy=True)
     for _ in range(1000):
         # Depth 1 is accepted every time (p said 0.5), depth 2 never.
-        calibration.observe(chain, 2, [0], greedy=True)
-    assert calibration.value(0.5, 1, greedy=True) == pytest.approx(1.0, abs=0.01)
-    assert calibration.value(0.25, 2, greedy=True) == pytest.approx(0.0, abs=0.01)
-    assert calibration.value(0.5, 1, greedy=False) == 0.5  # sampled: prior only
+        calibration.observe(greedy, 2, [0])
+    assert calibration.value(greedy, 0) == pytest.approx(1.0, abs=0.01)
+    assert calibration.value(greedy, 1) == pytest.approx(0.0, abs=0.01)
+    sampled = BudgetRequest(chain, greedy=False)
+    assert calibration.value(sampled, 0) == 0.5  # sampled: prior only
+    # A lookup path's nodes have no draft probability (0 where the draft
+    # did not propose them): their value is their own running acceptance.
+    looked_up = BudgetRequest(FlatTree(chain.tokens, chain.parents, chain.depths, (0.5, 0.0)),
+                              greedy=True, lookup=frozenset({0, 1}))
+    for step in range(1000):
+        calibration.observe(looked_up, 2, [0, 1] if step % 4 == 0 else [0])
+    assert calibration.value(looked_up, 0) == pytest.approx(1.0, abs=0.01)
+    assert calibration.value(looked_up, 1) == pytest.approx(0.25, abs=0.01)
+    assert calibration.value(greedy, 1) == pytest.approx(0.0, abs=0.01)  # unchanged
 
 
 @pytest.mark.parametrize("draft_level_ms, best_levels", [
@@ -486,7 +497,7 @@ def test_a_budget_that_stopped_drafting_learns_from_its_probes():
     budget = trained_budget(ms_per_token=1.0, fixed_ms=40.0, ms_per_branch=0.0)
     budget.probe_interval = 4
     for _ in range(50):
-        budget.calibration.observe(TREE, len(TREE), [], greedy=True)
+        budget.calibration.observe(BudgetRequest(TREE, greedy=True), len(TREE), [])
     first_branch = {0, 1, 2}
     drafted = []
     for _ in range(300):
@@ -498,3 +509,43 @@ def test_a_budget_that_stopped_drafting_learns_from_its_probes():
             budget.observe_acceptance(verified, len(kept), path)
     assert not any(drafted[1:4])  # stopped: probes only
     assert sum(drafted[-100:]) >= 95  # drafting again
+
+
+def lookup_offer(tree: FlatTree, path: list[int]) -> BudgetRequest:
+    """A greedy request's tree with a context-lookup path added."""
+    tree, lookup = tree.with_path(path)
+    return BudgetRequest(tree, greedy=True, lookup=frozenset(lookup))
+
+
+def test_drafting_must_beat_the_lookup_path_alone():
+    """A lookup path accepted every time makes the draft's nodes worth
+    little beside it: drafting that pays against plain decoding (1.73x at
+    two levels) does not pay against the lookup path, which the undrafted
+    steps still verify."""
+    budget = trained_budget(ms_per_token=0.0, fixed_ms=40.0, ms_per_branch=0.0,
+                            draft_level_ms=(10.0, 10.0, 10.0))
+    assert budget.next_step(1) == 3
+    budget.choose([BudgetRequest(TREE, greedy=True)], base_tokens=1)
+    assert budget.draft_gain == pytest.approx(2.6 / 60 * 40)
+
+    budget = trained_budget(ms_per_token=0.0, fixed_ms=40.0, ms_per_branch=0.0,
+                            draft_level_ms=(10.0, 10.0, 10.0))
+    budget.lookup_depth = 3
+    budget.__post_init__()
+    assert budget.next_step(1) == 3
+    budget.choose([lookup_offer(TREE, [10, 11, 12])], base_tokens=1)
+    assert budget.draft_gain < 1.0
+    assert budget.next_step(1) == 0
+    undrafted = lookup_offer(FlatTree.chain(()), [10, 11, 12])
+    assert budget.choose([undrafted], base_tokens=1).kept == [[0, 1, 2]]
+
+
+def test_a_lookup_path_that_is_never_accepted_is_not_verified():
+    budget = trained_budget(ms_per_token=2.0, fixed_ms=40.0)
+    budget.lookup_depth = 3
+    budget.__post_init__()
+    for _ in range(50):
+        budget.calibration.observe(lookup_offer(FlatTree.chain(()), [30, 31, 32]), 3, [])
+    offer = lookup_offer(TREE, [30, 31])
+    kept = choose(budget, [offer], base_tokens=1).kept[0]
+    assert kept and not set(kept) & offer.lookup  # the draft's nodes still pay

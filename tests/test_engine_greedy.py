@@ -158,25 +158,30 @@ def test_self_draft_matches_plain_in_every_scenario(target, plain):
     assert stats["plain_fallbacks"] > 0  # the mixed_options requests
 
 
-@pytest.mark.parametrize("merge_context", [-1, 0])
+@pytest.mark.parametrize("merge_context, lookup_tokens", [(-1, 0), (0, 4)])
 def test_weak_draft_matches_plain_with_off_branch_acceptances(
-        target, weak_draft, plain, merge_context):
+        target, weak_draft, plain, merge_context, lookup_tokens):
     """A 12-layer truncated draft is mostly wrong: many rejections, and
-    accepted paths off the first branch exercise the K/V fix-up."""
+    accepted paths off the first branch exercise the K/V fix-up; context
+    lookup adds paths the draft did not propose."""
     with running_llm(target, {"method": "gsd", "model": weak_draft,
                               "merge_context": merge_context, "top_k": 6,
                               "sibling_ratio": 0.0, "max_verify_nodes": 16,
-                              "budget": "fixed"},
+                              "lookup_tokens": lookup_tokens, "budget": "fixed"},
                      max_model_len=MAX_MODEL_LEN) as llm:
         outputs = run_all(llm, ["batch16", "batch1", "near_max_model_len"])
         stats = gsd_stats(llm)
     assert_same(outputs, plain)
-    print(f"weak draft, merge_context={merge_context}:", stats)
+    print(f"weak draft, merge_context={merge_context}, lookup_tokens={lookup_tokens}:", stats)
     assert stats["off_first_branch_accepts"] > 0
     if merge_context >= 0:
         assert stats["merged_edges"] > 0
     else:
         assert stats["merged_edges"] == 0
+    if lookup_tokens:
+        assert stats["lookup_accepted_tokens"] > 0
+    else:
+        assert stats["lookup_nodes"] == 0
 
 
 def kv_cache_layout(worker) -> dict:

@@ -83,6 +83,14 @@ one-off, not what continuing to draft costs, and a median shrugs off the
 first passes at a new shape (allocations, kernel set-up: 27 and 39 ms seen
 among 6 ms steps).
 
+Context lookup. A greedy request's tree may also hold a path copied from
+its own context (`vllm_gsd.lookup`). Its nodes need no draft pass: they
+are offered in undrafted steps too, alone, and count as drafting no level.
+Their value is their own running acceptance per depth (a calibration kind
+of its own), and the gain of drafting is relative to what the step gets
+without drafting: the lookup paths alone where there are any, else plain
+decoding.
+
 Greedy output never depends on the budget (verification is exact). For
 sampled requests the budget changes which random numbers land on which
 token, which is still exact in distribution but would make a seeded
@@ -242,32 +250,41 @@ class StepCostModel:
         return 0.0 if fit is None else max(fit.predict(np.array([1.0, num_requests])), 0.0)
 
 
+SAMPLED, GREEDY, LOOKUP = range(3)
+"""Kinds of tree node, each calibrated on its own: drafted nodes of sampled
+and of greedy requests, and nodes on a greedy request's context-lookup path
+(`vllm_gsd.lookup`), which the draft may or may not have proposed."""
+
+
 class AcceptanceCalibration:
-    """P(node accepted) ≈ scale[greedy, depth] * draft path probability."""
+    """P(node accepted) ≈ scale[kind, depth] * its path probability: the
+    draft's, or 1 on a lookup path (whose scale is then its running
+    acceptance rate at that depth)."""
 
     def __init__(self, max_depth: int, decay: float = 0.995, prior_weight: float = 1.0):
-        shape = (2, max_depth + 1)
+        shape = (3, max_depth + 1)
         # The prior says "the draft is calibrated" with the weight of one
         # fully probable node.
         self.accepted = np.full(shape, prior_weight)
         self.predicted = np.full(shape, prior_weight)
         self.decay = decay
 
-    def value(self, prob: float, depth: int, greedy: bool) -> float:
-        g = int(greedy)
-        return min(1.0, prob * self.accepted[g, depth] / self.predicted[g, depth])
+    def value(self, request: BudgetRequest, j: int) -> float:
+        kind, prob = request.kind(j)
+        depth = request.tree.depths[j]
+        return min(1.0, prob * self.accepted[kind, depth] / self.predicted[kind, depth])
 
-    def observe(self, tree: FlatTree, num_verified: int, path: list[int],
-                greedy: bool) -> None:
+    def observe(self, request: BudgetRequest, num_verified: int, path: list[int]) -> None:
         """One request-step: its verified nodes (the first `num_verified`)
         and the accepted path (flat indices)."""
-        g = int(greedy)
-        self.accepted[g] *= self.decay
-        self.predicted[g] *= self.decay
+        kinds = {request.kind(j)[0] for j in range(num_verified)}
+        self.accepted[list(kinds)] *= self.decay
+        self.predicted[list(kinds)] *= self.decay
         for j in range(num_verified):
-            self.predicted[g, tree.depths[j]] += tree.probs[j]
+            kind, prob = request.kind(j)
+            self.predicted[kind, request.tree.depths[j]] += prob
         for j in path:
-            self.accepted[g, tree.depths[j]] += 1.0
+            self.accepted[request.kind(j)[0], request.tree.depths[j]] += 1.0
 
 
 @dataclass
@@ -278,6 +295,24 @@ class BudgetRequest:
     greedy: bool
     pinned: bool = False
     """Verify the whole tree whatever it costs (seeded sampling)."""
+    lookup: frozenset[int] = frozenset()
+    """Flat indices of the nodes on the context-lookup path (greedy only)."""
+
+    def kind(self, j: int) -> tuple[int, float]:
+        """Node j's calibration kind and path probability."""
+        if j in self.lookup:
+            return LOOKUP, 1.0
+        return (GREEDY if self.greedy else SAMPLED), self.tree.probs[j]
+
+    def levels_needed(self, j: int) -> int:
+        """Draft levels node j needs: none on the lookup path."""
+        return 0 if j in self.lookup else self.tree.depths[j]
+
+    def cut(self, kept: list[int]) -> None:
+        """Keeps the `kept` flat nodes (ascending, ancestor-closed)."""
+        index = {j: i for i, j in enumerate(kept)}
+        self.lookup = frozenset(index[j] for j in self.lookup if j in index)
+        self.tree = self.tree.subtree(kept)
 
 
 @dataclass
@@ -388,9 +423,11 @@ class GraphBudget:
     _steps: int = 0
     _num_requests: int = 0
     """Decoding requests in the current step."""
+    lookup_depth: int = 0
+    """Longest context-lookup path offered (`vllm_gsd.lookup`); 0: none."""
 
     def __post_init__(self) -> None:
-        self.calibration = AcceptanceCalibration(self.max_depth)
+        self.calibration = AcceptanceCalibration(max(self.max_depth, self.lookup_depth))
 
     def drafted_sample(self, num_unpinned: int) -> list[int] | None:
         """Which of the step's `num_unpinned` unpinned requests it drafts
@@ -594,11 +631,16 @@ class GraphBudget:
         best_rate, best_nodes = -1.0, []
         gains: dict[int, float] = {}
         warming_up = self._warming_up()
+        # Drafting pays when it beats what the step gets without it: plain
+        # decoding, or the lookup paths alone where there are any.
+        undrafted_rows = prefix_rows([node for node in order
+                                      if requests[node[0]].levels_needed(node[1]) == 0])
+        undrafted_rate = float(np.max(
+            undrafted_rows[:, 0] / self.costs.step_ms_each(undrafted_rows[:, 1:])))
         for nodes in candidates:
             rows = prefix_rows(nodes)
             step_ms = self.costs.step_ms_each(rows[:, 1:])
             rates = rows[:, 0] / step_ms
-            plain_rate = rates[0]
             k = int(np.argmax(rates))
             if rates[k] > best_rate:
                 best_rate, best_nodes = rates[k], nodes[:k]
@@ -607,7 +649,7 @@ class GraphBudget:
             # in the warm-up, whose cost model has not seen enough steps.
             for levels in range(1, 0 if warming_up else self._levels + 1):
                 shallow = [node for node in nodes
-                           if requests[node[0]].tree.depths[node[1]] <= levels]
+                           if requests[node[0]].levels_needed(node[1]) <= levels]
                 if not shallow:
                     continue
                 if len(shallow) == len(nodes):  # every node: priced above already
@@ -616,7 +658,7 @@ class GraphBudget:
                     shallow_rows = prefix_rows(shallow)[1:]
                     shallow_ms = self.costs.step_ms_each(shallow_rows[:, 1:])
                 shallow_ms = shallow_ms + self.draft_ms(round(num_drafted), levels)
-                gain = float(np.max(shallow_rows[:, 0] / shallow_ms)) / plain_rate
+                gain = float(np.max(shallow_rows[:, 0] / shallow_ms)) / undrafted_rate
                 gains[levels] = max(gain, gains.get(levels, 0.0))
         if warming_up:
             best_nodes = order[:self._warmup_tree_size(len(order))]
@@ -639,10 +681,10 @@ class GraphBudget:
         a budget that once priced trees too dear (from an unlucky warm-up)
         would never see one again. Seen on an AVX2 CPU: 911 of 916 steps
         undrafted, where a one-node chain pays 1.15x."""
-        if not order:
+        depth = {(i, j): requests[i].levels_needed(j) for i, j, _ in order}
+        deepest = max(depth.values(), default=0)
+        if deepest == 0:  # no drafted node to measure
             return []
-        depth = {(i, j): requests[i].tree.depths[j] for i, j, _ in order}
-        deepest = max(depth.values())
         i, leaf, _ = next(node for node in order if depth[node[:2]] == deepest)
         path = {leaf, *requests[i].tree.ancestors(leaf)}
         taken = {node[:2] for node in chosen}
@@ -651,11 +693,10 @@ class GraphBudget:
 
     def observe_acceptance(self, request: BudgetRequest, num_verified: int,
                            path: list[int]) -> None:
-        self.calibration.observe(request.tree, num_verified, path, request.greedy)
+        self.calibration.observe(request, num_verified, path)
 
     def _value(self, request: BudgetRequest, j: int) -> float:
-        return self.calibration.value(request.tree.probs[j], request.tree.depths[j],
-                                      request.greedy)
+        return self.calibration.value(request, j)
 
     def _unpinned_nodes_by_value(self, requests: list[BudgetRequest]
                                  ) -> list[tuple[int, int, float]]:

@@ -66,6 +66,18 @@ class GSDConfig:
     vocabulary. A cheaper head for a narrow draft; still lossless, since the
     target verifies every token."""
 
+    lookup_tokens: int = 3
+    """Greedy requests also get a path of up to this many tokens from their
+    own context (prompt lookup: what followed the last time their latest
+    tokens occurred; `vllm_gsd.lookup`), at no draft cost; the budget
+    verifies it where it pays. 0 turns this off."""
+
+    prompt_lookup_min: int = 2
+    """Shortest suffix of the context lookup matches (vLLM's ngram knob)."""
+
+    prompt_lookup_max: int = 4
+    """Longest suffix of the context lookup matches (vLLM's ngram knob)."""
+
     budget: str = "adaptive"
     """How much of each tree to verify. "adaptive": every step, the nodes
     (possibly none) that maximise expected tokens per second, from the
@@ -109,7 +121,8 @@ class GSDConfig:
     def _validate(self) -> None:
         _check_type("model", self.model, str)
         for name in ("top_k", "merge_context", "max_depth", "max_draft_nodes",
-                     "max_verify_nodes", "draft_vocab_size"):
+                     "max_verify_nodes", "draft_vocab_size", "lookup_tokens",
+                     "prompt_lookup_min", "prompt_lookup_max"):
             _check_type(name, getattr(self, name), int)
         for name in ("sibling_ratio", "min_node_prob"):
             _check_type(name, getattr(self, name), (int, float))
@@ -121,6 +134,13 @@ class GSDConfig:
         _check_range("max_draft_nodes", self.max_draft_nodes, 1, 4096)
         _check_range("max_verify_nodes", self.max_verify_nodes, 1, MAX_VERIFY_NODES)
         _check_range("draft_vocab_size", self.draft_vocab_size, 0, 2**31 - 1)
+        _check_range("lookup_tokens", self.lookup_tokens, 0, MAX_VERIFY_NODES)
+        _check_range("prompt_lookup_min", self.prompt_lookup_min, 1, 64)
+        _check_range("prompt_lookup_max", self.prompt_lookup_max, 1, 64)
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise GSDConfigError(
+                f"speculative_config.prompt_lookup_min ({self.prompt_lookup_min}) is "
+                f"larger than prompt_lookup_max ({self.prompt_lookup_max}).")
         if 0 < self.draft_vocab_size < self.top_k:
             raise GSDConfigError(
                 f"speculative_config.draft_vocab_size: {self.draft_vocab_size} is "

@@ -405,6 +405,28 @@ class FlatTree:
                         tuple(self.depths[j] for j in kept),
                         tuple(self.probs[j] for j in kept))
 
+    def with_path(self, tokens: Sequence[int]) -> tuple[FlatTree, list[int]]:
+        """This tree with the path `tokens` from the root added: the nodes it
+        shares with the tree are reused, the others appended as one new
+        branch, with draft probability 0 (the draft did not propose them).
+        Returns the tree and the flat indices of the path's nodes."""
+        path: list[int] = []
+        node = -1
+        for token in tokens:
+            child = self.child(node, int(token))
+            if child is None:
+                break
+            path.append(node := child)
+        new = [int(t) for t in tokens[len(path):]]
+        if not new:
+            return self, path
+        n, depth = len(self), len(path)
+        tree = FlatTree(self.tokens + tuple(new),
+                        self.parents + (node, *range(n, n + len(new) - 1)),
+                        self.depths + tuple(range(depth + 1, depth + len(new) + 1)),
+                        self.probs + (0.0,) * len(new))
+        return tree, path + list(range(n, n + len(new)))
+
     def ancestor_mask(self) -> np.ndarray:
         """bool [n, n]: mask[i, j] is True when j is i or an ancestor of i."""
         n = len(self)

@@ -47,15 +47,23 @@ class GSDStats:
     """Request-steps verified with at least one draft node."""
     off_first_branch_accepts: int = 0
     """Accepted paths that left the first branch (needed the KV fix-up)."""
+    lookup_nodes: int = 0
+    """Tree nodes sent for verification on a context-lookup path (drafted
+    too or not; `vllm_gsd.lookup`)."""
+    lookup_accepted_tokens: int = 0
+    """Accepted tokens on a context-lookup path."""
     plain_fallbacks: int = 0
     """Request-steps decoded without a tree because of their sampling options."""
     _reported: dict[str, int] = field(default_factory=dict, repr=False)
 
-    def observe_graph(self, graph: TokenGraph, tree: FlatTree) -> None:
+    def observe_graph(self, graph: TokenGraph) -> None:
         self.graphs += 1
         self.graph_nodes += graph.num_nodes - 1
         self.merged_edges += graph.num_merged
+
+    def observe_tree(self, tree: FlatTree, num_lookup_nodes: int) -> None:
         self.tree_nodes += len(tree)
+        self.lookup_nodes += num_lookup_nodes
 
     def observe_acceptance(self, num_verified: int, path: list[int]) -> None:
         if num_verified == 0:

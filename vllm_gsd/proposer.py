@@ -19,11 +19,14 @@ One draft step for all requests together:
   2. one draft forward per further level over every request's frontier, each
      node attending to the prefix and its own creation ancestors at position
      root + depth; candidates merge into the graph (`TokenGraph.expand`);
-  3. the graph unrolls into the verify tree (`TokenGraph.unroll`), and the
-     adaptive budget (`vllm_gsd.budget`) keeps the nodes worth verifying on
-     this hardware at this batch size, possibly none. The budget also sets
-     how many levels the next steps draft: the depth whose trees have paid
-     best for their draft passes, or none while no depth pays.
+  3. the graph unrolls into the verify tree (`TokenGraph.unroll`); a greedy
+     request's tree also gets the path its own context suggests
+     (`vllm_gsd.lookup`), drafted or not. The adaptive budget
+     (`vllm_gsd.budget`) keeps the nodes worth verifying on this hardware
+     at this batch size, possibly none. The budget also sets how many
+     levels the next steps draft: the depth whose trees have paid best for
+     their draft passes, or none while no depth pays (the lookup paths are
+     still offered then).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from vllm_gsd.budget import (BudgetRequest, GraphBudget, StepCostModel,
 from vllm_gsd.config import GSDConfig
 from vllm_gsd.draft_model import SINK, DenseKernels, DraftKVCache, TreeDraftModel
 from vllm_gsd.graph import ROOT, FlatTree, TokenGraph
+from vllm_gsd.lookup import context_continuation
 from vllm_gsd.metrics import GSDStats
 from vllm_gsd.patches import vllm_cpu_kernels
 
@@ -158,7 +162,8 @@ class GSDProposer:
         its blocks may have been reused) starts again from none."""
         self._step = 0
         self._plain_reasons_logged: set[str] = set()
-        self.budget = (GraphBudget(self.config.max_depth)
+        self.budget = (GraphBudget(self.config.max_depth,
+                                   lookup_depth=self.config.lookup_tokens)
                        if self.config.budget == "adaptive" else None)
         self._verifying: dict[str, BudgetRequest] = {}
         """This step's trees as offered to the budget, for its calibration."""
@@ -199,6 +204,8 @@ class GSDProposer:
         req_ids = self.runner.input_batch.req_ids
         self._num_cached = {r: self._num_cached[r] for r in req_ids if r in self._num_cached}
         drafting: list[_Drafting] = []
+        undrafted: list[tuple[str, BudgetRequest]] = []
+        """Greedy requests the step does not draft, with their lookup paths."""
         for row, sampled in enumerate(sampled_token_ids):
             if not sampled:
                 continue
@@ -208,15 +215,18 @@ class GSDProposer:
                 continue
             greedy = params.temperature < _SAMPLING_EPS
             pinned = not greedy and params.seed is not None
-            if not (levels or pinned):
-                self.stats.undrafted_by_budget += 1
-                continue
             num_tokens = int(num_tokens_no_spec[row])
             max_verify = min(self.config.max_verify_nodes,
                              self.max_model_len - num_tokens - 1)
             if max_verify <= 0:
                 continue
             tokens = token_ids_cpu[row, :num_tokens]
+            if not (levels or pinned):
+                self.stats.undrafted_by_budget += 1
+                offer = self._offer(None, tokens, max_verify, greedy, pinned)
+                if len(offer.tree):
+                    undrafted.append((req_id, offer))
+                continue
             graph = TokenGraph(tokens[-max(self.config.merge_context, 0) - 1:],
                                self.config.merge_context,
                                self.config.max_draft_nodes + 1)
@@ -245,21 +255,28 @@ class GSDProposer:
                 level_start = time.perf_counter()
                 self._grow_level(growing)
                 level_ms.append((time.perf_counter() - level_start) * 1e3)
-        offers = [BudgetRequest(d.graph.unroll(d.max_verify, self.config.max_depth),
-                                d.greedy, d.pinned) for d in drafting]
-        if self.budget is not None and drafting:
+        if drafting and self.budget is not None:
             total_ms = (time.perf_counter() - start) * 1e3
             self.budget.observe_draft(len(drafting), [total_ms - sum(level_ms), *level_ms],
                                       longest_catch_up)
-            choice = self.budget.choose(offers, num_decoding, unpinned_in_batch)
-            for offer, kept in zip(offers, choice.kept):
+        for d in drafting:
+            self.stats.observe_graph(d.graph)
+        # Undrafted requests are offered their lookup paths only in a step
+        # that drafts no unpinned request, never beside a sampled probe
+        # (`GraphBudget.drafted_sample`), whose trees stand for the batch.
+        offers = [(d.req_id, self._offer(d.graph, d.tokens, d.max_verify, d.greedy, d.pinned))
+                  for d in drafting] + undrafted
+        if self.budget is not None and offers:
+            choice = self.budget.choose([offer for _, offer in offers], num_decoding,
+                                        unpinned_in_batch)
+            for (_, offer), kept in zip(offers, choice.kept):
                 self.stats.budget_cut_nodes += len(offer.tree) - len(kept)
-                offer.tree = offer.tree.subtree(kept)
-        for d, offer in zip(drafting, offers):
-            self.stats.observe_graph(d.graph, offer.tree)
+                offer.cut(kept)
+        for req_id, offer in offers:
+            self.stats.observe_tree(offer.tree, len(offer.lookup))
             if len(offer.tree):
-                self.trees[d.req_id] = offer.tree
-                self._verifying[d.req_id] = offer
+                self.trees[req_id] = offer.tree
+                self._verifying[req_id] = offer
         self._timing.draft_ms += (time.perf_counter() - start) * 1e3
         return [list(self.trees[r].tokens) if r in self.trees else []
                 for r in req_ids[:len(sampled_token_ids)]]
@@ -271,10 +288,12 @@ class GSDProposer:
         the flat indices of the accepted path."""
         self.stats.observe_acceptance(len(verified), path)
         offer = self._verifying.get(self.runner.input_batch.req_ids[batch_index])
-        if (self.budget is not None and offer is not None and len(verified)
+        if (offer is not None and len(verified)
                 and verified.tokens == offer.tree.tokens[:len(verified)]
                 and verified.parents == offer.tree.parents[:len(verified)]):
-            self.budget.observe_acceptance(offer, len(verified), path)
+            self.stats.lookup_accepted_tokens += sum(j in offer.lookup for j in path)
+            if self.budget is not None:
+                self.budget.observe_acceptance(offer, len(verified), path)
 
     def target_step_started(self, shape: StepShape | None) -> None:
         """shape None: the step is not measured (it has prompt tokens)."""
@@ -284,6 +303,20 @@ class GSDProposer:
     def target_step_finished(self) -> None:
         if self.budget is not None:
             self._timing.finish(self.budget.costs)
+
+    def _offer(self, graph: TokenGraph | None, tokens: np.ndarray, max_verify: int,
+               greedy: bool, pinned: bool) -> BudgetRequest:
+        """The request's tree for the budget: the graph unrolled (None: not
+        drafted) and, for a greedy request, its context-lookup path added
+        (`vllm_gsd.lookup`; its new nodes are kept room for)."""
+        path = (context_continuation(tokens, self.config.prompt_lookup_min,
+                                     self.config.prompt_lookup_max,
+                                     min(self.config.lookup_tokens, max_verify))
+                if greedy and self.config.lookup_tokens else ())
+        tree = (FlatTree.chain(()) if graph is None
+                else graph.unroll(max_verify - len(path), self.config.max_depth))
+        tree, lookup = tree.with_path(path)
+        return BudgetRequest(tree, greedy, pinned, frozenset(lookup))
 
     def _tree_sampling_params(self, req_id: str) -> SamplingParams | None:
         """The request's sampling params, or None when it must be decoded
