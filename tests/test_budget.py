@@ -549,3 +549,19 @@ def test_a_lookup_path_that_is_never_accepted_is_not_verified():
     offer = lookup_offer(TREE, [30, 31])
     kept = choose(budget, [offer], base_tokens=1).kept[0]
     assert kept and not set(kept) & offer.lookup  # the draft's nodes still pay
+
+
+def test_the_first_tree_of_a_step_costs_more_than_the_next():
+    """The batch leaves vLLM's decode path with its first tree: the cost
+    model prices one tree and sixteen each as the hardware does. Trained as
+    the warm-up does, on steps that alternate with and without trees."""
+    costs = StepCostModel()
+    rng = np.random.default_rng(4)
+    for step in range(200):
+        trees = int(rng.integers(1, 17)) if step % 2 else 0
+        shape = StepShape(16 + trees * int(rng.integers(1, 4)), trees)
+        costs.observe_target(shape, 30.0 + 0.1 * shape.tokens + 0.5 * trees
+                             + 5.0 * (trees > 0) + rng.normal(0, 0.3))
+    shapes = [StepShape(16), StepShape(17, trees=1), StepShape(32, trees=16)]
+    predicted = costs.step_ms_each(np.array([s.as_array() for s in shapes]))
+    assert predicted == pytest.approx([31.6, 37.2, 46.2], abs=0.5)
