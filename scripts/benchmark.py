@@ -2,17 +2,29 @@
 
     python scripts/benchmark.py [--draft DIR] [--batch-sizes 1 4 16]
         [--temperatures 0 0.7] [--repeats 3] [--max-tokens 64]
-        [--chain-ks 1 2 3 4 5] [--dtype auto] [--gsd JSON] [--out DIR]
+        [--chain-ks 1 2 3 4 5] [--dtype auto] [--gsd JSON] [--static-batches]
+        [--out DIR]
 
 Same target, same draft, same prompts (chat, code, summarization-style and
 maths, none of them in the distillation prompt set):
   1. chain sweep: vLLM's `draft_model` at each K of --chain-ks, batch 1,
      temperature 0; the fastest K is "the chain at its best K" below;
   2. main run: plain vLLM, the chain at its best K, vLLM's `ngram`, GSD
-     (settings tuned for this CPU), and GSD on deep graphs with merging and
-     without it (the same budgets) each live in their own process; every repeat visits every (batch size, temperature)
-     workload and runs it on every method, in an order rotated per repeat,
-     so machine noise hits all methods alike.
+     (settings tuned for this CPU), GSD without context lookup, and GSD on
+     deep graphs with merging and without it (the same budgets) each live
+     in their own process; every repeat visits every (batch size,
+     temperature) workload and runs it on every method, in an order rotated
+     per repeat, so machine noise hits all methods alike.
+
+Batch size b means b requests in flight: 4b requests (at least one per
+prompt) are queued and each one that finishes is replaced by the next, as
+under a server's steady load or in an offline job larger than its batch.
+Their lengths vary around --max-tokens (0.5x to 1.5x, the same for every
+method), as real requests' do.
+`--static-batches` runs separate batches of exactly b requests instead (runs
+1-24 in docs/benchmarks.md), where a batch takes as many steps as its
+slowest request: speculation that shortens other requests gains nothing
+until the batch drains.
 
 Reported per method and workload: tokens/s (median of repeats, min-max),
 speedup over plain (median of the per-repeat ratios), τ (tokens per target
@@ -165,22 +177,60 @@ def _zip_pad(a: list, b: list):
     return zip(a + [0] * (n - len(a)), b + [0] * (n - len(b)))
 
 
+QUEUED_BATCHES = 4
+"""A closed-loop workload of batch b queues this many times b requests (at
+least every prompt once), b of them in flight at any time."""
+
+LENGTH_FACTORS = (1.0, 0.5, 1.5, 0.75, 1.25)
+"""Request i of a closed-loop workload asks for this factor (cycled) times
+--max-tokens new tokens: real requests differ in length, and a queue of
+equal ones would keep its batch in lockstep, every request finishing in the
+same step and the next ones' prompts prefilled together, which happens
+under no real load (and favours whichever method keeps the lockstep)."""
+
+
+def generate_closed_loop(llm, requests: list[str], params: list, concurrency: int) -> list:
+    """Outputs of `requests` (in order; params[i] for request i), decoded
+    with `concurrency` of them in flight: each one that finishes is
+    replaced by the next in the queue, as a server under steady load or an
+    offline job larger than the batch refills its batch."""
+    engine = llm.llm_engine
+    ids = [f"bench-{time.monotonic_ns()}-{i}" for i in range(len(requests))]
+    queued = list(zip(ids, requests, params))[::-1]
+    finished = {}
+    while queued or engine.has_unfinished_requests():
+        while queued and engine.get_num_unfinished_requests() < concurrency:
+            engine.add_request(*queued.pop())
+        for output in engine.step():
+            if output.finished:
+                finished[output.request_id] = output
+    return [finished[i] for i in ids]
+
+
 def run_workload(llm, prompts: list[str], is_gsd: bool, batch: int, temperature: float,
-                 max_tokens: int, warmup: bool = False) -> dict:
+                 max_tokens: int, static: bool = False, warmup: bool = False) -> dict:
     from vllm import SamplingParams
 
     params = SamplingParams(temperature=temperature, max_tokens=max_tokens)
     if warmup:
         llm.generate(prompts[:batch], params, use_tqdm=False)
         return {}
-    # Every prompt at least once, in full batches of `batch` requests.
-    num = -(-max(batch, len(prompts)) // batch) * batch
+    if static:  # every prompt at least once, in full batches of `batch` requests
+        num = -(-max(batch, len(prompts)) // batch) * batch
+    else:
+        num = max(QUEUED_BATCHES * batch, len(prompts))
     requests = [prompts[i % len(prompts)] for i in range(num)]
     before = counters(llm, is_gsd)
     start = time.perf_counter()
     outputs = []
-    for i in range(0, num, batch):
-        outputs += llm.generate(requests[i:i + batch], params, use_tqdm=False)
+    if static:
+        for i in range(0, num, batch):
+            outputs += llm.generate(requests[i:i + batch], params, use_tqdm=False)
+    else:
+        outputs = generate_closed_loop(llm, requests, [
+            SamplingParams(temperature=temperature, max_tokens=max(1, round(
+                max_tokens * LENGTH_FACTORS[i % len(LENGTH_FACTORS)])))
+            for i in range(num)], batch)
     seconds = time.perf_counter() - start
     after = counters(llm, is_gsd)
     return {"seconds": seconds,
@@ -279,6 +329,10 @@ def markdown(report: dict) -> str:
         f"- target `{report['target']}`, draft `{report['draft']}`, dtype {report['dtype']}, "
         f"enforce_eager, {report['max_tokens']} new tokens per request, "
         f"{report['repeats']} repeats",
+        "- batch b: " + ("separate batches of b requests" if report.get("static_batches") else
+                         f"{QUEUED_BATCHES}b requests (at least one per prompt) of "
+                         f"{'/'.join(map(str, LENGTH_FACTORS))} x the new tokens queued, "
+                         "b in flight, each finished one replaced by the next"),
         f"- GSD: `{json.dumps(report['gsd_config'])}`",
         "",
     ]
@@ -358,6 +412,9 @@ def parse_args() -> argparse.Namespace:
                         choices=list(METHOD_KINDS), help="which methods to run")
     parser.add_argument("--gsd", default="{}",
                         help="JSON overriding GSD keys of the benchmark's default config")
+    parser.add_argument("--static-batches", action="store_true",
+                        help="run each batch size as separate batches of exactly that many "
+                             "requests (runs up to 24), instead of a queue kept that many in flight")
     parser.add_argument("--out", type=Path, default=Path("bench_results"))
     return parser.parse_args()
 
@@ -438,7 +495,8 @@ def main() -> None:
                 for e in order:
                     time.sleep(SETTLE_S)
                     runs[(batch, temperature), e.method.name].append(e.run(
-                        batch=batch, temperature=temperature, max_tokens=args.max_tokens))
+                        batch=batch, temperature=temperature, max_tokens=args.max_tokens,
+                        static=args.static_batches))
                     bar.update()
     for e in engines:
         e.close()
@@ -446,6 +504,7 @@ def main() -> None:
     report = {"started": started, "machine": machine(), "target": args.target,
               "draft": args.draft, "dtype": dtype, "max_tokens": args.max_tokens,
               "repeats": args.repeats, "prompts": [p[:2] for p in PROMPTS],
+              "static_batches": args.static_batches,
               "gsd_config": gsd, "chain_sweep": sweep, "best_chain_k": best_k,
               "workloads": []}
     for batch, temperature in workloads:
