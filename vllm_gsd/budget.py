@@ -12,8 +12,9 @@ Expected tokens. A node is accepted exactly when the target agrees with its
 whole path, so the expected accepted length of a tree is the sum over its
 nodes of P(node accepted). The draft's path probability p estimates that
 probability; `AcceptanceCalibration` corrects it per depth (and separately
-for greedy and sampled requests) with the running ratio
-accepted nodes / sum of p over verified nodes at that depth.
+for greedy and sampled requests, and for context-lookup nodes, below) with
+the running ratio accepted nodes / sum of p over verified nodes at that
+depth.
 
 Cost. `StepCostModel` fits the measured time of a decode step, linear in
 the step's target tokens, its requests verified with a tree (the tree
