@@ -305,13 +305,14 @@ def summarize(method: Method, runs: list[dict], plain_runs: list[dict]) -> dict:
         summary["draft_tokens_per_request_step"] = g["draft_tokens"] / max(g["graphs"], 1)
         candidates = g["graph_nodes"] + g["merged_edges"]
         summary["merge_rate"] = g["merged_edges"] / candidates if candidates else 0.0
-    if g and g["accepted_tokens"]:
-        summary["lookup_share"] = g["lookup_accepted_tokens"] / g["accepted_tokens"]
     elif method.chain_k and drafts:
         # vLLM's draft_model: the first pass feeds the tokens accepted last step
         # (τ on average), each of the K-1 further passes one token.
         summary["draft_passes_per_step"] = float(method.chain_k)
         summary["draft_tokens_per_request_step"] = summary["tau"] + method.chain_k - 1
+    # Lookup paths are verified in undrafted steps too, so apart from the above.
+    if g and g["accepted_tokens"]:
+        summary["lookup_share"] = g["lookup_accepted_tokens"] / g["accepted_tokens"]
     return summary
 
 

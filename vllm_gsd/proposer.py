@@ -204,8 +204,8 @@ class GSDProposer:
         req_ids = self.runner.input_batch.req_ids
         self._num_cached = {r: self._num_cached[r] for r in req_ids if r in self._num_cached}
         drafting: list[_Drafting] = []
+        # Greedy requests the step does not draft, with their lookup paths.
         undrafted: list[tuple[str, BudgetRequest]] = []
-        """Greedy requests the step does not draft, with their lookup paths."""
         for row, sampled in enumerate(sampled_token_ids):
             if not sampled:
                 continue
