@@ -46,9 +46,12 @@ class GSDRejectionSampler(RejectionSampler):
             # when no request has drafts (the budget drafted none): sample as
             # plain decoding does, without the tree walk's per-request work.
             return self.sampler(logits=logits, sampling_metadata=sampling_metadata)
+        # No logprobs here: the emitted tokens' are gathered below, so the
+        # bonus rows' full log-softmax (which vLLM's own rejection sampler
+        # keeps for reuse) would be thrown away.
         bonus = self.sampler(
             logits=logits[metadata.bonus_logits_indices],
-            sampling_metadata=replace(sampling_metadata, max_num_logprobs=-1),
+            sampling_metadata=replace(sampling_metadata, max_num_logprobs=None),
             predict_bonus_token=True,
         ).sampled_token_ids.view(-1).tolist()
         # Requests whose options act on the chain of outputs (penalties, ...)
@@ -63,34 +66,35 @@ class GSDRejectionSampler(RejectionSampler):
         step = active_step()
         trees = step.by_batch_index() if step is not None else {}
         draft_ids = metadata.draft_token_ids.tolist()
-        output = torch.full((len(bonus), metadata.max_spec_len + 1),
-                            PLACEHOLDER_TOKEN_ID, dtype=torch.int32)
-        emitted_rows = torch.zeros_like(output, dtype=torch.long)
+        width = metadata.max_spec_len + 1
+        # Built as lists, one tensor at the end: per-request tensors cost
+        # more than the walk itself in a large batch.
+        output_rows, emitted_rows = [], []
         accepted, start = {}, 0
         for i, num_drafts in enumerate(metadata.num_draft_tokens):
             request = trees.get(i)
             tree = (request.tree if request is not None
                     else FlatTree.chain(draft_ids[start:start + num_drafts]))
             path, final = accept(chosen[start:start + num_drafts] + [bonus[i]], tree)
-            output[i, :len(path)] = torch.tensor([tree.tokens[j] for j in path],
-                                                 dtype=torch.int32)
-            output[i, len(path)] = final
+            padding = [PLACEHOLDER_TOKEN_ID] * (width - len(path) - 1)
+            output_rows.append([tree.tokens[j] for j in path] + [final] + padding)
             # Row of `logits` each emitted token was chosen at: the root's,
             # then each accepted node's.
             first_row = start + i
-            emitted_rows[i, :len(path) + 1] = torch.tensor(
-                [first_row] + [first_row + 1 + j for j in path])
+            emitted_rows.append([first_row] + [first_row + 1 + j for j in path]
+                                + [0] * len(padding))
             accepted[i] = path
             self.on_acceptance(i, tree, path)
             start += num_drafts
         if step is not None and step.waves:
             rewrite_accepted_kv(step, accepted)
 
-        output = output.to(logits.device)
+        output = torch.tensor(output_rows, dtype=torch.int32, device=logits.device)
         logprobs = None
         if sampling_metadata.max_num_logprobs is not None:
             tokens = output.clamp(min=0).view(-1).to(torch.int64)
-            raw = logits[emitted_rows.view(-1).to(logits.device)].to(torch.float32)
+            raw = logits[torch.tensor(emitted_rows, device=logits.device).view(-1)
+                         ].to(torch.float32)
             logprobs = self.sampler.gather_logprobs(
                 self.sampler.compute_logprobs(raw),
                 sampling_metadata.max_num_logprobs, tokens)
