@@ -565,3 +565,57 @@ def test_the_first_tree_of_a_step_costs_more_than_the_next():
     shapes = [StepShape(16), StepShape(17, trees=1), StepShape(32, trees=16)]
     predicted = costs.step_ms_each(np.array([s.as_array() for s in shapes]))
     assert predicted == pytest.approx([31.6, 37.2, 46.2], abs=0.5)
+
+
+def noisy_costs(plain_every: int, seed: int) -> StepCostModel:
+    """Steps of batch 16 that cost 80 ms plain, +13 ms for their first tree
+    and 2.3 ms per tree row, with 5 ms of noise; every `plain_every`-th step
+    has no tree."""
+    costs = StepCostModel()
+    rng = np.random.default_rng(seed)
+    for step in range(400):
+        trees = 0 if step % plain_every == 0 else int(rng.integers(1, 7))
+        shape = StepShape(16 + 3 * trees, trees)
+        costs.observe_target(shape, 80.0 + 2.3 * 3 * trees + 10.7 * (trees > 0)
+                             + rng.normal(0, 5.0))
+    return costs
+
+
+def test_a_rarely_measured_tree_cost_is_priced_high():
+    """Where plain steps are rare, the extra time of a step's first tree is
+    poorly measured: priced against the plain step, it gets a margin of
+    its standard error, which shrinks as plain steps become common and
+    never more than doubles the predicted extra time."""
+    plain, tree = StepShape(16), StepShape(19, trees=1)
+    shapes = np.array([plain.as_array(), tree.as_array()])
+
+    def extra_ms(costs: StepCostModel, reference: np.ndarray | None) -> float:
+        plain_ms, tree_ms = costs.step_ms_each(shapes, reference)
+        return tree_ms - plain_ms
+
+    margins, spreads = {}, {}
+    for plain_every in (2, 40):
+        runs = [noisy_costs(plain_every, seed) for seed in range(8)]
+        predicted = [extra_ms(c, None) for c in runs]
+        priced = [extra_ms(c, plain.as_array()) for c in runs]
+        assert all(p < q <= 2 * p for p, q in zip(predicted, priced))
+        margins[plain_every] = np.mean(np.subtract(priced, predicted))
+        spreads[plain_every] = np.std(predicted)  # over the runs: the real error
+    assert margins[40] > 2 * margins[2]
+    for plain_every, margin in margins.items():
+        assert 0.5 < margin / spreads[plain_every] < 2
+    # Without a reference, or for the reference itself, no margin.
+    costs = noisy_costs(40, 0)
+    assert costs.step_ms_each(shapes[:1], plain.as_array()) == pytest.approx(
+        costs.step_ms_each(shapes[:1]))
+
+
+def test_standard_errors_follow_the_residuals_and_the_excitation():
+    fit = RecursiveLeastSquares(2, 1.0, np.zeros(2), 1e4)
+    rng = np.random.default_rng(1)
+    for _ in range(400):
+        x = np.array([1.0, rng.normal()])
+        fit.update(x, 3.0 + 2.0 * x[1] + rng.normal(0, 1.0))
+    se = fit.standard_errors(np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]))
+    # Ordinary least squares' standard errors: 1 / sqrt(400) for both.
+    assert se == pytest.approx([0.05, 0.05, 0.05], rel=0.25)
