@@ -31,9 +31,11 @@ stand on is the median over the last 16 steps. Fitted to the times
 themselves, the trees' cost took the blame for whatever phase the plain
 steps were not measured in: one run went from pricing a one-node tree at
 +1 ms to +15 ms beside paired differences of +4 to +7 ms, and stopped
-drafting. The draft's time per step is measured per batch size (see
-below), and the time between steps (scheduler, output processing) is a
-running mean.
+drafting. A tree's extra time over the step without it is priced one
+standard error high (`StepCostModel.step_ms_each`): where plain steps are
+rare, that difference is measured rarely. The draft's time per step is
+measured per batch size (see below), and the time between steps
+(scheduler, output processing) is a running mean.
 
 Choice. Nodes enter in order of calibrated value, a node only after its
 parent (so every prefix of the order is a valid set of trees); for every
