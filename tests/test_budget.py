@@ -511,10 +511,11 @@ def test_a_budget_that_stopped_drafting_learns_from_its_probes():
     assert sum(drafted[-100:]) >= 95  # drafting again
 
 
-def lookup_offer(tree: FlatTree, path: list[int]) -> BudgetRequest:
-    """A greedy request's tree with a context-lookup path added."""
+def lookup_offer(tree: FlatTree, path: list[int], match: int = 0) -> BudgetRequest:
+    """A greedy request's tree with a context-lookup path added, matched
+    in `match_bucket` `match`."""
     tree, lookup = tree.with_path(path)
-    return BudgetRequest(tree, greedy=True, lookup=frozenset(lookup))
+    return BudgetRequest(tree, greedy=True, lookup=frozenset(lookup), lookup_match=match)
 
 
 def test_drafting_must_beat_the_lookup_path_alone():
@@ -619,3 +620,22 @@ def test_standard_errors_follow_the_residuals_and_the_excitation():
     se = fit.standard_errors(np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]))
     # Ordinary least squares' standard errors: 1 / sqrt(400) for both.
     assert se == pytest.approx([0.05, 0.05, 0.05], rel=0.25)
+
+
+def test_lookup_paths_are_priced_by_the_length_that_matched():
+    """Paths after long matches are accepted, after short ones not: at
+    batch 16 where a tree row costs half a token's share of the step, the
+    budget verifies the long match's path alone."""
+    budget = trained_budget(ms_per_token=2.5, fixed_ms=40.0)
+    budget.lookup_depth = 3
+    budget.__post_init__()
+    for _ in range(100):
+        budget.calibration.observe(lookup_offer(FlatTree.chain(()), [30, 31, 32], 0), 3, [])
+        budget.calibration.observe(lookup_offer(FlatTree.chain(()), [30, 31, 32], 4), 3,
+                                   [0, 1, 2])
+    short = lookup_offer(FlatTree.chain(()), [40, 41, 42], 0)
+    long = lookup_offer(FlatTree.chain(()), [50, 51, 52], 4)
+    undrafted = [BudgetRequest(FlatTree.chain(()), greedy=True) for _ in range(14)]
+    budget.next_step(16)
+    kept = budget.choose([short, long, *undrafted], base_tokens=16).kept
+    assert kept[:2] == [[], [0, 1, 2]]

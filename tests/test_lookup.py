@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from vllm_gsd.graph import FlatTree
-from vllm_gsd.lookup import context_continuation
+from vllm_gsd.lookup import MATCH_LENGTH_BUCKETS, context_continuation, match_bucket
 
 
 def continuation(tokens, min_ngram=2, max_ngram=4, num_tokens=3) -> list[int]:
-    return context_continuation(np.array(tokens), min_ngram, max_ngram, num_tokens).tolist()
+    return context_continuation(np.array(tokens), min_ngram, max_ngram, num_tokens)[0].tolist()
 
 
 def test_the_longest_matching_suffix_decides():
@@ -53,8 +53,8 @@ def test_a_path_shares_the_trees_nodes_and_appends_the_rest():
     assert (alone.tokens, alone.parents, path) == ((4, 4), (-1, 0), [0, 1])
 
 
-def reference_continuation(tokens, min_ngram, max_ngram, num_tokens) -> list[int]:
-    """The docstring's definition, by brute force."""
+def reference_continuation(tokens, min_ngram, max_ngram, num_tokens) -> tuple[list[int], int]:
+    """The docstring's definition, by brute force: (continuation, match length)."""
     tokens = list(tokens)
     for n in range(max_ngram, min_ngram - 1, -1):
         for start in range(len(tokens) - n - 1, -1, -1):  # latest first
@@ -63,8 +63,8 @@ def reference_continuation(tokens, min_ngram, max_ngram, num_tokens) -> list[int
                 out = tokens[:]
                 for _ in range(num_tokens):
                     out.append(out[-period])
-                return out[len(tokens):]
-    return []
+                return out[len(tokens):], n
+    return [], 0
 
 
 def test_matches_the_definition_on_random_text():
@@ -73,5 +73,18 @@ def test_matches_the_definition_on_random_text():
         tokens = rng.integers(0, 4, int(rng.integers(1, 40)))
         min_ngram = int(rng.integers(1, 4))
         max_ngram = int(rng.integers(min_ngram, 6))
-        assert (context_continuation(tokens, min_ngram, max_ngram, 5).tolist()
+        got, matched = context_continuation(tokens, min_ngram, max_ngram, 5)
+        assert ((got.tolist(), matched)
                 == reference_continuation(tokens.tolist(), min_ngram, max_ngram, 5)), tokens
+
+
+def test_the_match_length_is_the_longest_matching_suffix_up_to_the_maximum():
+    tokens = np.array([1, 2, 3, 4, 5, 9, 1, 2, 3, 4, 5])
+    assert context_continuation(tokens, 2, 16, 2)[1] == 5
+    assert context_continuation(tokens, 2, 3, 2)[1] == 3
+
+
+def test_match_lengths_fall_in_their_buckets():
+    assert [match_bucket(n) for n in (1, 2, 3, 4, 7, 8, 15, 16, 40)] == [
+        0, 0, 1, 2, 2, 3, 3, 4, 4]
+    assert match_bucket(MATCH_LENGTH_BUCKETS[-1]) == len(MATCH_LENGTH_BUCKETS)

@@ -114,6 +114,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from vllm_gsd.graph import FlatTree
+from vllm_gsd.lookup import MATCH_LENGTH_BUCKETS
 
 
 class RecursiveLeastSquares:
@@ -285,16 +286,19 @@ class StepCostModel:
 SAMPLED, GREEDY, LOOKUP = range(3)
 """Kinds of tree node, each calibrated on its own: drafted nodes of sampled
 and of greedy requests, and nodes on a greedy request's context-lookup path
-(`vllm_gsd.lookup`), which the draft may or may not have proposed."""
+(`vllm_gsd.lookup`), which the draft may or may not have proposed: kinds
+LOOKUP to LOOKUP + len(MATCH_LENGTH_BUCKETS), one per range of the length
+of the suffix that matched."""
+NUM_KINDS = LOOKUP + len(MATCH_LENGTH_BUCKETS) + 1
 
 
 class AcceptanceCalibration:
     """P(node accepted) ≈ scale[kind, depth] * its path probability: the
     draft's, or 1 on a lookup path (whose scale is then its running
-    acceptance rate at that depth)."""
+    acceptance rate at that depth, for its match length's range)."""
 
     def __init__(self, max_depth: int, decay: float = 0.995, prior_weight: float = 1.0):
-        shape = (3, max_depth + 1)
+        shape = (NUM_KINDS, max_depth + 1)
         # The prior says "the draft is calibrated" with the weight of one
         # fully probable node.
         self.accepted = np.full(shape, prior_weight)
@@ -329,11 +333,13 @@ class BudgetRequest:
     """Verify the whole tree whatever it costs (seeded sampling)."""
     lookup: frozenset[int] = frozenset()
     """Flat indices of the nodes on the context-lookup path (greedy only)."""
+    lookup_match: int = 0
+    """`vllm_gsd.lookup.match_bucket` of the suffix the lookup path matched."""
 
     def kind(self, j: int) -> tuple[int, float]:
         """Node j's calibration kind and path probability."""
         if j in self.lookup:
-            return LOOKUP, 1.0
+            return LOOKUP + self.lookup_match, 1.0
         return (GREEDY if self.greedy else SAMPLED), self.tree.probs[j]
 
     def levels_needed(self, j: int) -> int:

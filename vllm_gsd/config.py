@@ -75,8 +75,11 @@ class GSDConfig:
     prompt_lookup_min: int = 2
     """Shortest suffix of the context lookup matches (vLLM's ngram knob)."""
 
-    prompt_lookup_max: int = 4
-    """Longest suffix of the context lookup matches (vLLM's ngram knob)."""
+    prompt_lookup_max: int = 16
+    """Longest suffix of the context lookup matches (vLLM's ngram knob).
+    Long, because the budget calibrates paths by the length that matched
+    (`vllm_gsd.lookup.MATCH_LENGTH_BUCKETS`): a path after a 16-token match
+    is right far more often than one after a 4-token match."""
 
     budget: str = "adaptive"
     """How much of each tree to verify. "adaptive": every step, the nodes

@@ -17,12 +17,29 @@ from __future__ import annotations
 import numpy as np
 
 
+MATCH_LENGTH_BUCKETS = (3, 4, 8, 16)
+"""Lower bounds of the match lengths whose continuations are calibrated
+apart (below 3, 3, 4-7, 8-15, 16 and more): the longer the suffix that
+matched, the likelier its continuation is right. On the benchmark prompts'
+greedy outputs (SmolLM2-135M), the first token after a 2-token match was
+right 49 % of the time, after 3 tokens 63 %, after 4-7 74 %, after 8-15
+90 % and after 16 or more 94 %; the eighth token 9 %, 16 %, 31 %, 36 % and
+66 %. Calibrated as one, the long matches' paths were priced as the short
+ones'."""
+
+
+def match_bucket(match_length: int) -> int:
+    """Index of the `MATCH_LENGTH_BUCKETS` range holding `match_length` (0:
+    below the first bound)."""
+    return sum(match_length >= bound for bound in MATCH_LENGTH_BUCKETS)
+
+
 def context_continuation(tokens: np.ndarray, min_ngram: int, max_ngram: int,
-                         num_tokens: int) -> np.ndarray:
+                         num_tokens: int) -> tuple[np.ndarray, int]:
     """`num_tokens` tokens that continue `tokens` the way they continued
     after the latest earlier occurrence of their longest suffix of
-    `min_ngram` to `max_ngram` tokens; empty where no such suffix occurred
-    before.
+    `min_ngram` to `max_ngram` tokens, and that suffix's length; empty and
+    0 where no such suffix occurred before.
 
     The latest occurrence, not the earliest (vLLM's `ngram` takes the
     earliest): text that repeats tends to repeat its most recent form, such
@@ -41,13 +58,15 @@ def context_continuation(tokens: np.ndarray, min_ngram: int, max_ngram: int,
     for back in range(1, min(max_ngram, length)):
         extends = (matched == back) & (ends >= back)
         extends[extends] = tokens[ends[extends] - back] == tokens[-1 - back]
+        if not extends.any():
+            break
         matched += extends
     if not len(ends) or matched.max() < min_ngram:
-        return tokens[:0]
+        return tokens[:0], 0
     # The latest of the longest matches.
     end = ends[len(matched) - 1 - int(np.argmax(matched[::-1]))]
     period = length - 1 - end
     extended = np.concatenate([tokens, np.empty(num_tokens, tokens.dtype)])
     for k in range(length, length + num_tokens):
         extended[k] = extended[k - period]
-    return extended[length:]
+    return extended[length:], int(matched.max())

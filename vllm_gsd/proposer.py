@@ -45,7 +45,7 @@ from vllm_gsd.budget import (BudgetRequest, GraphBudget, StepCostModel,
 from vllm_gsd.config import GSDConfig
 from vllm_gsd.draft_model import SINK, DenseKernels, DraftKVCache, TreeDraftModel
 from vllm_gsd.graph import ROOT, FlatTree, TokenGraph
-from vllm_gsd.lookup import context_continuation
+from vllm_gsd.lookup import context_continuation, match_bucket
 from vllm_gsd.metrics import GSDStats
 from vllm_gsd.patches import vllm_cpu_kernels
 
@@ -309,14 +309,14 @@ class GSDProposer:
         """The request's tree for the budget: the graph unrolled (None: not
         drafted) and, for a greedy request, its context-lookup path added
         (`vllm_gsd.lookup`; its new nodes are kept room for)."""
-        path = (context_continuation(tokens, self.config.prompt_lookup_min,
-                                     self.config.prompt_lookup_max,
-                                     min(self.config.lookup_tokens, max_verify))
-                if greedy and self.config.lookup_tokens else ())
+        path, matched = (context_continuation(tokens, self.config.prompt_lookup_min,
+                                              self.config.prompt_lookup_max,
+                                              min(self.config.lookup_tokens, max_verify))
+                         if greedy and self.config.lookup_tokens else ((), 0))
         tree = (FlatTree.chain(()) if graph is None
                 else graph.unroll(max_verify - len(path), self.config.max_depth))
         tree, lookup = tree.with_path(path)
-        return BudgetRequest(tree, greedy, pinned, frozenset(lookup))
+        return BudgetRequest(tree, greedy, pinned, frozenset(lookup), match_bucket(matched))
 
     def _tree_sampling_params(self, req_id: str) -> SamplingParams | None:
         """The request's sampling params, or None when it must be decoded
