@@ -267,10 +267,9 @@ class StepCostModel:
         error high, at most twice its prediction: the choice of trees is
         made on that difference, and where it is poorly measured, an
         underestimate costs throughput every step it lasts. At batch 16 on
-        an AVX512 CPU, where a step's first tree was seen to cost 13 ms
-        more than a plain step, the fit said 6 to 11 ms (few steps there
-        are plain, so the difference is measured rarely), and the trees it
-        chose made decoding 7 to 13 % slower than plain."""
+        an AVX512 CPU, where neighbouring steps put a step's first tree at
+        13 ms more than a plain step, the fit said 6 to 11 ms: 9 % of the
+        steps there were plain, so the difference was measured rarely."""
         predicted = self.level_ms + shapes @ self.shape_ms.weights
         if reference is not None:
             extra = (shapes - reference) @ self.shape_ms.weights
