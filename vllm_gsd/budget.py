@@ -272,8 +272,9 @@ class StepCostModel:
         steps there were plain, so the difference was measured rarely."""
         predicted = self.level_ms + shapes @ self.shape_ms.weights
         if reference is not None:
-            extra = (shapes - reference) @ self.shape_ms.weights
-            margin = self.shape_ms.standard_errors(shapes - reference)
+            difference = shapes - reference
+            extra = difference @ self.shape_ms.weights
+            margin = self.shape_ms.standard_errors(difference)
             predicted = predicted + np.clip(margin, 0.0, np.maximum(extra, 0.0))
         return np.maximum(predicted, 1e-3) + self.gap_ms
 

@@ -61,7 +61,8 @@ def context_continuation(tokens: np.ndarray, min_ngram: int, max_ngram: int,
         if not extends.any():
             break
         matched += extends
-    if not len(ends) or matched.max() < min_ngram:
+    longest = int(matched.max()) if len(ends) else 0
+    if longest < min_ngram:
         return tokens[:0], 0
     # The latest of the longest matches.
     end = ends[len(matched) - 1 - int(np.argmax(matched[::-1]))]
@@ -69,4 +70,4 @@ def context_continuation(tokens: np.ndarray, min_ngram: int, max_ngram: int,
     extended = np.concatenate([tokens, np.empty(num_tokens, tokens.dtype)])
     for k in range(length, length + num_tokens):
         extended[k] = extended[k - period]
-    return extended[length:], int(matched.max())
+    return extended[length:], longest
