@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_gsd.draft_model import (SINK, TOKEN_COUNTS_FILE, DenseKernels, DraftKVCache,
-                                  TreeDraftModel)
+from vllm_gsd.draft_model import (GROUPED_ATTENTION_MAX_QUERIES, SINK, TOKEN_COUNTS_FILE,
+                                  DenseKernels, DraftKVCache, TreeDraftModel, tree_attention)
 from vllm_gsd.patches import vllm_cpu_kernels
 
 transformers = pytest.importorskip("transformers")
@@ -132,6 +132,28 @@ def test_reduced_head_keeps_the_most_frequent_tokens_columns(tmp_path, tie):
     full = hf_next_logits(model, tokens)
     torch.testing.assert_close(causal_logits(draft, tokens), full[:, [90, 5, 17, 64]],
                                atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("batch,num_queries", [
+    (1, 1), (3, 1), (3, 2), (16, GROUPED_ATTENTION_MAX_QUERIES),
+    (1, 3), (2, GROUPED_ATTENTION_MAX_QUERIES + 1)])
+def test_tree_attention_equals_sdpa_with_grouped_heads(batch, num_queries):
+    """Both of tree_attention's ways (its own products for a few queries
+    per request, SDPA otherwise) give SDPA's result: query head h reads K/V
+    head h // 3, masked columns (a tree mask; a padded query that sees only
+    column 0) contribute nothing."""
+    generator = torch.Generator().manual_seed(batch * 10 + num_queries)
+    heads, kv_heads, dim, keys = 6, 2, 16, 11
+    q = torch.randn(batch, heads, num_queries, dim, generator=generator)
+    k = torch.randn(batch, kv_heads, keys, dim, generator=generator)
+    v = torch.randn(batch, kv_heads, keys, dim, generator=generator)
+    mask = torch.rand(batch, 1, num_queries, keys, generator=generator) < 0.6
+    mask[..., 0] = True
+    mask[0, 0, -1] = False
+    mask[0, 0, -1, 0] = True  # a padded query
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1), attn_mask=mask)
+    torch.testing.assert_close(tree_attention(q, k, v, mask), expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("kernels", KERNELS)

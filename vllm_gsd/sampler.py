@@ -35,7 +35,8 @@ class GSDRejectionSampler(RejectionSampler):
     def __init__(self, sampler: Any, spec_config: Any, device: Any,
                  on_acceptance: Callable[[int, FlatTree, list[int]], None]):
         """on_acceptance(batch index, verified tree, accepted path) is
-        called for every request of every step (counters, budget)."""
+        called for every request verified with drafts, every step
+        (counters, budget)."""
         super().__init__(sampler, spec_config, device)
         self.on_acceptance = on_acceptance
 
@@ -72,6 +73,13 @@ class GSDRejectionSampler(RejectionSampler):
         output_rows, emitted_rows = [], []
         accepted, start = {}, 0
         for i, num_drafts in enumerate(metadata.num_draft_tokens):
+            first_row = start + i
+            if not num_drafts:
+                # No tree: its token is the bonus row's (most of a large
+                # batch when only lookup paths are verified).
+                output_rows.append([bonus[i]] + [PLACEHOLDER_TOKEN_ID] * (width - 1))
+                emitted_rows.append([first_row] + [0] * (width - 1))
+                continue
             request = trees.get(i)
             tree = (request.tree if request is not None
                     else FlatTree.chain(draft_ids[start:start + num_drafts]))
@@ -80,7 +88,6 @@ class GSDRejectionSampler(RejectionSampler):
             output_rows.append([tree.tokens[j] for j in path] + [final] + padding)
             # Row of `logits` each emitted token was chosen at: the root's,
             # then each accepted node's.
-            first_row = start + i
             emitted_rows.append([first_row] + [first_row + 1 + j for j in path]
                                 + [0] * len(padding))
             accepted[i] = path
