@@ -290,6 +290,8 @@ def summarize(method: Method, runs: list[dict], plain_runs: list[dict]) -> dict:
         "tok_s_median": statistics.median(tok_s), "tok_s_min": min(tok_s),
         "tok_s_max": max(tok_s), "speedup_median": statistics.median(ratios),
         "speedup_min": min(ratios), "speedup_max": max(ratios),
+        # Per repeat, in order: how a machine's phases moved the numbers.
+        "tok_s_repeats": tok_s, "speedup_repeats": ratios,
         "tau": 1.0, "accept_by_depth": [], "verified_per_request_step": 0.0,
         "draft_passes_per_step": 0.0, "draft_tokens_per_request_step": 0.0,
         "merge_rate": None, "lookup_share": None,
