@@ -3,8 +3,9 @@
 Drafting a graph needs what vLLM's attention backends cannot give a draft
 today: one forward pass over many frontier nodes of many requests, each node
 seeing only the prompt, the accepted tokens and its own ancestors, at position
-root + depth. This module evaluates the draft's weights with PyTorch SDPA and
-an explicit boolean mask. The K/V of accepted tokens live in pages of vLLM's
+root + depth. This module evaluates the draft's weights with masked attention
+(`tree_attention`: PyTorch SDPA, or its own products for a few queries)
+over an explicit boolean mask. The K/V of accepted tokens live in pages of vLLM's
 KV cache, addressed through the request's block table like the target's
 (`DraftKVCache`); a step's tree nodes live in a small scratch area.
 """
@@ -181,9 +182,11 @@ def tree_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     products below for a few queries in a batch: at 16 requests of 1 query
     over 300 keys, 3.4 ms against 0.25 ms (2 threads, bf16); a draft pass
     runs it once per layer. For longer queries (a catch-up after a prompt)
-    its tiling wins: 2.5 ms against 4.8 at 16 requests of 16 queries."""
+    its tiling wins: 2.5 ms against 4.8 at 16 requests of 16 queries.
+    Other devices keep SDPA (not measured there)."""
     batch, num_heads, num_queries, head_dim = q.shape
-    if num_queries > GROUPED_ATTENTION_MAX_QUERIES or (batch == 1 and num_queries > 1):
+    if (q.device.type != "cpu" or num_queries > GROUPED_ATTENTION_MAX_QUERIES
+            or (batch == 1 and num_queries > 1)):
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
     num_kv_heads, num_keys = keys.shape[1], keys.shape[2]
     group = num_heads // num_kv_heads
