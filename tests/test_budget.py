@@ -552,6 +552,57 @@ def test_a_lookup_path_that_is_never_accepted_is_not_verified():
     assert kept and not set(kept) & offer.lookup  # the draft's nodes still pay
 
 
+@pytest.mark.parametrize("batch, verified", [(1, True), (16, False)])
+def test_a_lookup_tree_pays_for_the_whole_batchs_step(batch, verified):
+    """One request of the batch offers a lookup node accepted 60 % of the
+    time, and a tree costs 2 ms beside a 40 ms step: +60 % tokens for +5 %
+    time alone, but +4 % tokens (every request's token counts) for +5 %
+    time in a batch of 16."""
+    budget = trained_budget(ms_per_token=0.0, fixed_ms=40.0, ms_per_tree=2.0,
+                            draft_level_ms=(50.0, 50.0, 50.0))
+    budget.lookup_depth = 1
+    budget.__post_init__()
+    for accepted in [True, True, True, False, False] * 20:
+        budget.calibration.observe(lookup_offer(FlatTree.chain(()), [30]), 1,
+                                   [0] if accepted else [])
+    assert budget.next_step(batch) == 3  # the first step at a batch size measures
+    budget.choose([BudgetRequest(TREE, greedy=True)] * batch, base_tokens=batch)
+    assert budget.next_step(batch) == 0  # drafting does not pay
+    kept = budget.choose([lookup_offer(FlatTree.chain(()), [30])], base_tokens=batch).kept
+    assert kept == ([[0]] if verified else [[]])
+
+
+@pytest.mark.parametrize("search_ms, searches_every_step", [(0.0, True), (1.5, False)])
+def test_undrafted_steps_search_the_contexts_while_it_pays_for_the_search(
+        search_ms, searches_every_step):
+    """At batch 16 a lookup node accepted 60 % of the time gains 2.5 %
+    beside the 0.5 ms its tree costs: worth searching for when the search
+    is free, not when it takes 1.5 ms; then only every `probe_interval`
+    steps search, to re-measure."""
+    budget = trained_budget(ms_per_token=0.0, fixed_ms=40.0, ms_per_tree=0.5,
+                            draft_level_ms=(50.0, 50.0, 50.0))
+    budget.lookup_depth = 1
+    budget.probe_interval = 16
+    budget.__post_init__()
+    for accepted in [True, True, True, False, False] * 20:
+        budget.calibration.observe(lookup_offer(FlatTree.chain(()), [30]), 1,
+                                   [0] if accepted else [])
+    searched = []
+    for _ in range(200):
+        if budget.next_step(16):
+            budget.choose([BudgetRequest(TREE, greedy=True)] * 16, base_tokens=16)
+            continue
+        searched.append(budget.looks_up)
+        if budget.looks_up:
+            budget.choose([lookup_offer(FlatTree.chain(()), [30])], base_tokens=16)
+            budget.observe_lookup(search_ms)
+    if searches_every_step:
+        assert all(searched)
+    else:
+        # Draft probes search too, and restart the count.
+        assert all(searched[:2]) and 1 <= sum(searched[-96:]) <= 96 // 16
+
+
 def test_the_first_tree_of_a_step_costs_more_than_the_next():
     """The batch leaves vLLM's decode path with its first tree: the cost
     model prices one tree and sixteen each as the hardware does. Trained as

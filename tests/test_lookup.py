@@ -67,10 +67,13 @@ def reference_continuation(tokens, min_ngram, max_ngram, num_tokens) -> tuple[li
     return [], 0
 
 
-def test_matches_the_definition_on_random_text():
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])  # the engine's, NumPy's default
+def test_matches_the_definition_on_random_text(dtype):
     rng = np.random.default_rng(0)
     for _ in range(500):
-        tokens = rng.integers(0, 4, int(rng.integers(1, 40)))
+        # Tokens 0-3 and 256-259 share bytes: matches that straddle two tokens.
+        tokens = (rng.integers(0, 4, int(rng.integers(1, 40)))
+                  + 256 * rng.integers(0, 2)).astype(dtype)
         min_ngram = int(rng.integers(1, 4))
         max_ngram = int(rng.integers(min_ngram, 6))
         got, matched = context_continuation(tokens, min_ngram, max_ngram, 5)

@@ -26,7 +26,7 @@ One draft step for all requests together:
      at this batch size, possibly none. The budget also sets how many
      levels the next steps draft: the depth whose trees have paid best for
      their draft passes, or none while no depth pays (the lookup paths are
-     still offered then).
+     still offered then, while they pay for their search).
 """
 
 from __future__ import annotations
@@ -201,6 +201,7 @@ class GSDProposer:
         num_decoding = sum(1 for sampled in sampled_token_ids if sampled)
         levels = (self.config.max_depth if self.budget is None
                   else self.budget.next_step(num_decoding))
+        looks_up = self.budget is None or self.budget.looks_up
         req_ids = self.runner.input_batch.req_ids
         self._num_cached = {r: self._num_cached[r] for r in req_ids if r in self._num_cached}
         drafting: list[_Drafting] = []
@@ -223,9 +224,10 @@ class GSDProposer:
             tokens = token_ids_cpu[row, :num_tokens]
             if not (levels or pinned):
                 self.stats.undrafted_by_budget += 1
-                offer = self._offer(None, tokens, max_verify, greedy, pinned)
-                if len(offer.tree):
-                    undrafted.append((req_id, offer))
+                if looks_up:
+                    offer = self._offer(None, tokens, max_verify, greedy, pinned)
+                    if len(offer.tree):
+                        undrafted.append((req_id, offer))
                 continue
             graph = TokenGraph(tokens[-max(self.config.merge_context, 0) - 1:],
                                self.config.merge_context,
@@ -255,10 +257,6 @@ class GSDProposer:
                 level_start = time.perf_counter()
                 self._grow_level(growing)
                 level_ms.append((time.perf_counter() - level_start) * 1e3)
-        if drafting and self.budget is not None:
-            total_ms = (time.perf_counter() - start) * 1e3
-            self.budget.observe_draft(len(drafting), [total_ms - sum(level_ms), *level_ms],
-                                      longest_catch_up)
         for d in drafting:
             self.stats.observe_graph(d.graph)
         # Undrafted requests are offered their lookup paths only in a step
@@ -266,7 +264,8 @@ class GSDProposer:
         # (`GraphBudget.drafted_sample`), whose trees stand for the batch.
         offers = [(d.req_id, self._offer(d.graph, d.tokens, d.max_verify, d.greedy, d.pinned))
                   for d in drafting] + undrafted
-        if self.budget is not None and offers:
+        # A search that found nothing is measured too: it cost its time.
+        if self.budget is not None and (offers or looks_up):
             choice = self.budget.choose([offer for _, offer in offers], num_decoding,
                                         unpinned_in_batch)
             for (_, offer), kept in zip(offers, choice.kept):
@@ -277,7 +276,16 @@ class GSDProposer:
             if len(offer.tree):
                 self.trees[req_id] = offer.tree
                 self._verifying[req_id] = offer
-        self._timing.draft_ms += (time.perf_counter() - start) * 1e3
+        total_ms = (time.perf_counter() - start) * 1e3
+        if self.budget is not None:
+            # What drafting costs includes its trees' lookup search, offers
+            # and choice, as the undrafted steps' search is charged to them.
+            if drafting:
+                self.budget.observe_draft(len(drafting), [total_ms - sum(level_ms), *level_ms],
+                                          longest_catch_up)
+            elif looks_up:
+                self.budget.observe_lookup(total_ms)
+        self._timing.draft_ms += total_ms
         return [list(self.trees[r].tokens) if r in self.trees else []
                 for r in req_ids[:len(sampled_token_ids)]]
 
