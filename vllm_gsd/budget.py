@@ -426,9 +426,10 @@ class _BatchSizeState:
     lookup_gain: float | None = None
     """Running mean of (the best rate of an undrafted step that searched
     the requests' contexts, the search included) / (plain decoding's
-    rate); None until such a step measured it."""
+    rate); None until a step that searched measured it."""
     lookup_measured_at: int = -1
     steps_since_lookup: int = 0
+    """Undrafted steps since one searched the contexts."""
     lookup_ms: deque = field(default_factory=lambda: deque(maxlen=DRAFT_TIME_WINDOW))
     """Recent proposer times of undrafted steps that searched the contexts
     (`GraphBudget.observe_lookup`)."""
@@ -549,12 +550,17 @@ class GraphBudget:
 
     def _decide_lookup(self, state: _BatchSizeState) -> None:
         """An undrafted step searches the contexts while that pays for the
-        search itself (at batch 16 on the CPU, 0.8 ms of a 50 ms step, for
-        lookup paths that gain about as much), and every `probe_interval`
-        steps to re-measure: what repeats comes and goes with the text."""
+        search itself (at batch 16 on the CPU, 0.5 ms of a 50 ms step, for
+        lookup paths that gain about as much), and every `probe_interval`th
+        undrafted step does to re-measure: what repeats comes and goes with
+        the text. A drafting step always searches (its trees take the
+        paths), and measures the gain too."""
+        if self._levels > 0:
+            self.looks_up = self.lookup_depth > 0
+            return
         state.steps_since_lookup += 1
         self.looks_up = self.lookup_depth > 0 and (
-            self._levels > 0 or state.lookup_gain is None or state.lookup_gain > 1.0
+            state.lookup_gain is None or state.lookup_gain > 1.0
             or state.steps_since_lookup >= self.probe_interval)
         if self.looks_up:
             state.steps_since_lookup = 0
@@ -742,7 +748,9 @@ class GraphBudget:
         plain_rate = undrafted_rows[0, 0] / undrafted_ms[0]
         lookup_rate = float(np.max(undrafted_rows[:, 0] / (undrafted_ms + self._lookup_ms())))
         undrafted_rate = max(plain_rate, lookup_rate)
-        if self._levels == 0 and self.looks_up and not warming_up:
+        # A drafting step's lookup paths are what an undrafted one would
+        # verify: it measures the gain of searching too.
+        if self.looks_up and not warming_up:
             self._record_lookup_gain(lookup_rate / plain_rate, len(requests))
         for nodes in candidates:
             rows = prefix_rows(nodes)
