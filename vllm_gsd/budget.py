@@ -94,12 +94,14 @@ Their value is their own running acceptance per depth (a calibration kind
 of its own), and the gain of drafting is relative to what the step gets
 without drafting: the lookup paths alone where there are any, else plain
 decoding. The search is not free (at batch 16 on the CPU the proposer
-takes 0.8 ms of a 50 ms step to search 16 contexts and weigh the paths
+takes 0.5-0.65 ms of a 50 ms step to search 16 contexts and weigh the paths
 found), so its measured time is charged to the lookup paths' rate, and
-each batch size keeps a running gain of searching, in undrafted steps,
-over plain decoding; while it is not above 1 the undrafted steps do not
-search, except every `probe_interval` steps. Every request's token counts
-in a step's rate, whether or not it offers a tree.
+each batch size keeps a running gain of searching over plain decoding
+(measured by every step that searched: a drafting step's lookup paths
+are those an undrafted step would verify); while it is not above 1 the
+undrafted steps do not search, except every `probe_interval`-th one.
+Every request's token counts in a step's rate, whether or not it offers
+a tree.
 
 Greedy output never depends on the budget (verification is exact). For
 sampled requests the budget changes which random numbers land on which
