@@ -518,7 +518,7 @@ class GraphBudget:
         if self._warming_up():
             self._levels = self.max_depth if self._steps % 2 == 1 else 0
             self._sampling = False
-            self.looks_up = self.lookup_depth > 0
+            self._decide_lookup(state)
             return self._levels
         state.steps_since_draft += 1
         state.steps_since_full_depth += 1
