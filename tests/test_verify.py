@@ -77,6 +77,21 @@ def test_greedy_rows_take_the_argmax_even_when_others_sample():
     assert chosen[0] == 1 and chosen[1] != 0 and chosen[2] != 2
 
 
+def test_greedy_rows_break_ties_with_the_callers_argmax():
+    """The engine passes plain decoding's own greedy kernel: where it breaks
+    a tie differently from torch.argmax, the tree must follow it."""
+    logits = torch.tensor([[5.0, 1.0, 5.0], [0.0, 7.0, 7.0]])
+
+    def last_of_ties(rows: torch.Tensor) -> torch.Tensor:
+        return rows.shape[-1] - 1 - rows.flip(-1).argmax(dim=-1)
+
+    assert choose_tokens(logits, greedy=None, noise=None).tolist() == [0, 1]
+    assert choose_tokens(logits, None, None, argmax=last_of_ties).tolist() == [2, 2]
+    noise = torch.ones_like(logits)
+    assert choose_tokens(logits, torch.tensor([True, False]), noise,
+                         argmax=last_of_ties)[0] == 2
+
+
 def sample_rows(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """`choose_tokens` at temperature 1 with Exp(1) noise from `generator`."""
     noise = torch.empty_like(probs, dtype=torch.float32).exponential_(generator=generator)

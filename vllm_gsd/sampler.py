@@ -62,7 +62,7 @@ class GSDRejectionSampler(RejectionSampler):
             logits[metadata.target_logits_indices].to(torch.float32),
             sampling_metadata, metadata)
         chosen = _choose_tokens(target_logits, metadata.num_draft_tokens,
-                                sampling_metadata).tolist()
+                                sampling_metadata, self.sampler.greedy_sample).tolist()
 
         step = active_step()
         trees = step.by_batch_index() if step is not None else {}
@@ -109,9 +109,12 @@ class GSDRejectionSampler(RejectionSampler):
 
 
 def _choose_tokens(target_logits: torch.Tensor, num_drafts: list[int],
-                   sampling_metadata: Any) -> torch.Tensor:
+                   sampling_metadata: Any,
+                   argmax: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """`choose_tokens` for the draft rows with each request's temperature,
-    top-k, top-p and, when it has a seed, its own generator for its rows.
+    top-k, top-p and, when it has a seed, its own generator for its rows;
+    `argmax` is vLLM's greedy sampling (on CPU its own kernel, which takes
+    half of `torch.argmax`'s time over a few rows of 49152 logits).
 
     vLLM's `apply_sampling_constraints` would expand the per-request values
     to rows, but its CPU expand kernel returns garbage when a request in the
@@ -121,7 +124,7 @@ def _choose_tokens(target_logits: torch.Tensor, num_drafts: list[int],
     """
     rows = target_logits.shape[0]
     if sampling_metadata.all_greedy or rows == 0:
-        return choose_tokens(target_logits, greedy=None, noise=None)
+        return choose_tokens(target_logits, greedy=None, noise=None, argmax=argmax)
     counts = torch.tensor(num_drafts, device=target_logits.device)
 
     def per_row(values: torch.Tensor | None) -> torch.Tensor | None:
@@ -139,4 +142,4 @@ def _choose_tokens(target_logits: torch.Tensor, num_drafts: list[int],
     for i, generator in sampling_metadata.generators.items():
         if starts[i + 1] > starts[i]:
             noise[starts[i]:starts[i + 1]].exponential_(generator=generator)
-    return choose_tokens(logits, greedy, noise)
+    return choose_tokens(logits, greedy, noise, argmax)

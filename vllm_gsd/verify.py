@@ -17,7 +17,7 @@ the output distribution (research notes §4.2, §5), so it is not offered.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -50,7 +50,9 @@ def accept(chosen: Sequence[int], tree: FlatTree) -> tuple[list[int], int]:
 
 
 def choose_tokens(logits: torch.Tensor, greedy: torch.Tensor | None,
-                  noise: torch.Tensor | None) -> torch.Tensor:
+                  noise: torch.Tensor | None,
+                  argmax: Callable[[torch.Tensor], torch.Tensor] | None = None
+                  ) -> torch.Tensor:
     """One token per row from the target alone.
 
     Args:
@@ -62,12 +64,16 @@ def choose_tokens(logits: torch.Tensor, greedy: torch.Tensor | None,
             is greedy. argmax(p / E) with E ~ Exp(1) is a sample from p (the
             exponential race; vLLM samples the same way), so each row gets
             an independent sample from its own distribution.
+        argmax: [rows, vocab] float32 -> [rows], the greedy choice; by
+            default `torch.argmax`. The engine passes the one its plain
+            decoding samples with, so a greedy row breaks ties as plain
+            decoding does.
 
     Returns:
         [rows] the chosen tokens.
     """
-    argmax = logits.argmax(dim=-1)
+    best = argmax(logits) if argmax is not None else logits.argmax(dim=-1)
     if noise is None:
-        return argmax
+        return best
     sampled = logits.softmax(dim=-1, dtype=torch.float32).div(noise).argmax(dim=-1)
-    return torch.where(greedy, argmax, sampled)
+    return torch.where(greedy, best, sampled)
