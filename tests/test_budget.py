@@ -199,12 +199,16 @@ def test_after_the_warmup_probes_grow_ever_rarer():
             assert (kept == full) == (step <= 2)  # warm-up: full trees
     # The warm-up drafts every other step; step 3 measures the gain (warm-up
     # steps, with an untrained cost model, do not count); each probe that
-    # finds drafting still not paying doubles the interval.
-    assert drafted_steps == [1, 3, 8, 18, 38, 78, 158, 318, 574, 830]
+    # finds drafting still not paying doubles the interval, and the step
+    # after it drafts too, to measure the draft's time.
+    probes = [8, 18, 38, 78, 158, 318, 574, 830]
+    assert drafted_steps == [1, 3] + [s for p in probes for s in (p, p + 1)]
 
 
 @pytest.mark.parametrize("batch, ms_per_token, intervals", [
-    (1, 4.0, [16] * 12),
+    # Each probe of a small batch is followed by a step that measures the
+    # draft's time (`test_a_stale_draft_time_is_measured_again_after_a_probe`).
+    (1, 4.0, [16] + [1, 15] * 11 + [1]),
     # A large batch's probe drafts a sample, whose catch-up costs up to a
     # step (not in the gain): its probes grow rarer all the same.
     (16, 0.5, [16, 32, 64]),
@@ -264,6 +268,32 @@ def test_draft_time_is_learned_from_steady_state_steps_only():
     for _ in range(5):
         budget.observe_draft(1, [3.0, 1.0], longest_catch_up=3)
     assert budget.draft_ms(1, levels=2) == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize("batch", [1, PROBE_REQUESTS])
+def test_a_stale_draft_time_is_measured_again_after_a_probe(batch):
+    """A slow spell of draft steps stops drafting; a probe's long catch-up
+    is no measure of the draft's time, so the step after it measures it in
+    the steady state, and drafting resumes once the draft is fast again
+    (without that, the slow median stood for good: the probes alone never
+    refresh it)."""
+    budget = trained_budget(ms_per_token=1.0, fixed_ms=40.0, ms_per_branch=0.0)
+    budget.probe_interval = 16
+    requests = [BudgetRequest(TREE, greedy=True)] * batch
+    draft_level_ms, drafted, last_drafted = 80.0, [], -2
+    for step in range(300):
+        if step == 100:
+            draft_level_ms = 1.0  # the slow spell ends
+        levels = budget.next_step(batch)
+        drafted.append(bool(levels))
+        if levels:
+            budget.choose(requests, base_tokens=batch)
+            catch_up = 2 if last_drafted == step - 1 else 20
+            budget.observe_draft(batch, [draft_level_ms] * levels, longest_catch_up=catch_up)
+            last_drafted = step
+    assert sum(drafted[60:100]) <= 6  # probes (and the steps after them) only
+    assert budget.draft_ms(batch, levels=1) == pytest.approx(1.0)
+    assert sum(drafted[-100:]) >= 90  # drafting again
 
 
 def test_passes_that_grew_pinned_trees_alone_are_not_the_batchs_draft_time():

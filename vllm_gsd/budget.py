@@ -65,7 +65,12 @@ averages as a drafting step does. Such a probe, like the first step at
 a batch size, drafts a random sample of the batch (PROBE_REQUESTS),
 whose nodes stand for the batch's: drafting them all would first catch up on every request's
 tokens since it was last drafted, most of a probe's cost in a large
-batch. Measuring steps (probes, and the all-levels steps) also
+batch. A probe's catch-up is no measure of the draft's time, so in a
+batch of at most PROBE_REQUESTS the step after a probe drafts too, in
+the steady state: its draft time replaces those of the last steps that
+drafted (else a slow spell that stopped drafting would be priced for
+good), and its gains, priced with it, weigh as a probe's. Measuring
+steps (probes, and the all-levels steps) also
 verify the path to their most valuable deepest node: acceptance and tree
 costs are learned only from verified nodes. While drafting pays, plain
 steps are measured too, every `probe_interval` steps where the gain is
@@ -117,6 +122,7 @@ from __future__ import annotations
 import heapq
 import statistics
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -435,9 +441,34 @@ class _BatchSizeState:
     lookup_ms: deque = field(default_factory=lambda: deque(maxlen=DRAFT_TIME_WINDOW))
     """Recent proposer times of undrafted steps that searched the contexts
     (`GraphBudget.observe_lookup`)."""
+    confirming: bool = False
+    """The step before was a probe that drafted the whole (small) batch:
+    this one drafts again, to measure the draft's time (see
+    `GraphBudget.next_step`)."""
 
     def best_levels(self) -> int:
         return max(self.gains, key=self.gains.__getitem__)
+
+
+@dataclass
+class _PricedTrees:
+    """A step's trees as `GraphBudget.choose` priced them, to be weighed
+    against a draft time: each depth's best rate over `undrafted_rate`."""
+
+    prefixes: list[tuple[int, np.ndarray, np.ndarray]]
+    """(levels, expected tokens, step time without drafting) of each prefix
+    of the nodes no deeper than `levels` (several orders of them)."""
+    undrafted_rate: float
+    num_drafted: int
+    trees: int
+
+    def gains(self, draft_ms: Callable[[int, int], float]) -> dict[int, float]:
+        """Draft levels -> gain, with draft_ms(requests, levels)."""
+        gains: dict[int, float] = {}
+        for levels, expected, step_ms in self.prefixes:
+            rate = float(np.max(expected / (step_ms + draft_ms(self.num_drafted, levels))))
+            gains[levels] = max(rate / self.undrafted_rate, gains.get(levels, 0.0))
+        return gains
 
 
 @dataclass
@@ -475,6 +506,10 @@ class GraphBudget:
     all levels while a shallower depth pays), not because it pays."""
     _sampling: bool = False
     """This step drafts at most PROBE_REQUESTS unpinned requests."""
+    _confirming: bool = False
+    """This step follows a probe to measure the draft's time now."""
+    _priced: _PricedTrees | None = None
+    """This step's trees as `choose` priced them."""
     _rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
     _steps: int = 0
     _num_requests: int = 0
@@ -510,6 +545,7 @@ class GraphBudget:
         how many levels unpinned requests are drafted (0: none)."""
         self._steps += 1
         self._num_requests = num_requests
+        self._priced = None
         # The gain of drafting falls as the batch grows (less spare compute):
         # each batch size keeps its own, so a change of load starts afresh.
         state = self._by_batch_size.setdefault(
@@ -523,7 +559,8 @@ class GraphBudget:
         state.steps_since_draft += 1
         state.steps_since_full_depth += 1
         state.steps_since_plain += 1
-        exploring = True
+        exploring, confirming = True, False
+        after_probe, state.confirming = state.confirming, False
         if len(state.gains) < self.max_depth:  # a depth not measured yet
             levels = self.max_depth
         elif state.gains[state.best_levels()] > 1.0:
@@ -533,17 +570,31 @@ class GraphBudget:
                 levels = self.max_depth
             else:
                 levels, exploring = state.best_levels(), False
+        elif after_probe:
+            # A probe's catch-up after a pause is no measure of what drafting
+            # costs (`observe_draft`), so while drafting is off, the draft
+            # time of the last steps that drafted would stand for good: at
+            # batch 1 on the CPU, 16 slow draft steps (10 ms where 5 was
+            # usual) stopped drafting, and 80 steps later the budget still
+            # priced a draft at 10 ms. The step after a probe drafts in the
+            # steady state, and its time replaces theirs. In a larger batch
+            # a probe drafts a sample, which the next step could not continue
+            # cheaply; there drafting seldom comes close to paying.
+            levels, confirming = self.max_depth, True
         elif state.steps_since_draft >= state.probe_interval:
             levels = self.max_depth
+            state.confirming = num_requests <= PROBE_REQUESTS
         else:
             levels = 0
         self._exploring = levels > 0 and exploring
-        self._sampling = self._exploring and not (
+        self._confirming = confirming
+        # Like the probe before it, a confirming step drafts the whole batch.
+        self._sampling = self._exploring and not confirming and not (
             state.gains and state.gains[state.best_levels()] > 1.0)
-        if levels:
-            state.steps_since_draft = 0
-        else:
+        if not levels:
             state.steps_since_plain = 0
+        elif not confirming:  # the probes keep their pace
+            state.steps_since_draft = 0
         if levels == self.max_depth:
             state.steps_since_full_depth = 0
         self._levels = levels
@@ -599,8 +650,12 @@ class GraphBudget:
             for level, ms in enumerate(level_ms[:self._levels]):
                 self.costs.observe_draft(level, num_requests, ms)
                 if not self._sampling:
-                    state.draft_ms.setdefault(
-                        level, deque(maxlen=DRAFT_TIME_WINDOW)).append(ms)
+                    window = state.draft_ms.setdefault(level, deque(maxlen=DRAFT_TIME_WINDOW))
+                    if self._confirming:  # the only current measurement
+                        window.clear()
+                    window.append(ms)
+            if self._confirming and self._priced is not None:
+                self._record_gains(self._priced.gains(self.draft_ms), self._priced.trees)
 
     def observe_lookup(self, ms: float) -> None:
         """The proposer's time for an undrafted step that searched the
@@ -649,14 +704,17 @@ class GraphBudget:
                 # 1, where whole trees gave 1.15x while the budget hardly
                 # drafted). Drafting that resumes wrongly costs little:
                 # every step then measures the gain.
+                # The step after a probe weighs as one: the probe's gain was
+                # priced with the draft time this step replaced.
                 state.gains[levels] = self._running_mean(
-                    state.gains[levels], gain, state.measured_at.get(levels), trees)
+                    state.gains[levels], gain,
+                    None if self._confirming else state.measured_at.get(levels), trees)
             state.measured_at[levels] = self._steps
         close_call = (state.gains[state.best_levels()] >= CLOSE_CALL_GAIN
                       and self._num_requests <= PROBE_REQUESTS)
         if close_call or state.gains[state.best_levels()] > 1.0:
             state.probe_interval = self.probe_interval
-        elif not (was_paying or first):
+        elif not (was_paying or first or self._confirming):  # the probe backed off
             state.probe_interval = min(2 * state.probe_interval, MAX_PROBE_INTERVAL)
 
     def _running_mean(self, mean: float, gain: float, measured_at: int | None,
@@ -738,7 +796,9 @@ class GraphBudget:
         if len(first_branch) < len(order):
             candidates.append(first_branch)
         best_rate, best_nodes = -1.0, []
-        gains: dict[int, float] = {}
+        priced: list[tuple[int, np.ndarray, np.ndarray]] = []
+        """(levels, expected tokens, step time without drafting) of each
+        prefix of nodes no deeper than `levels`."""
         warming_up = self._warming_up()
         # Drafting pays when it beats what the step gets without it: plain
         # decoding, or the lookup paths alone (their search included) where
@@ -774,14 +834,14 @@ class GraphBudget:
                 else:
                     shallow_rows = prefix_rows(shallow)[1:]
                     shallow_ms = self.costs.step_ms_each(shallow_rows[:, 1:], base_shape)
-                shallow_ms = shallow_ms + self.draft_ms(round(num_drafted), levels)
-                gain = float(np.max(shallow_rows[:, 0] / shallow_ms)) / undrafted_rate
-                gains[levels] = max(gain, gains.get(levels, 0.0))
+                priced.append((levels, shallow_rows[:, 0], shallow_ms))
         if warming_up:
             best_nodes = order[:self._warmup_tree_size(len(order))]
         elif self._exploring:
             best_nodes = best_nodes + self._deepest_path(requests, order, best_nodes)
-        self._record_gains(gains, len(requests))
+        self._priced = _PricedTrees(priced, undrafted_rate, round(num_drafted), len(requests))
+        if not self._confirming:  # else once its own draft time is known
+            self._record_gains(self._priced.gains(self.draft_ms), len(requests))
         for i, j, _ in best_nodes:
             chosen[i].append(j)
         return Choice([sorted(c) for c in chosen])
