@@ -430,6 +430,24 @@ def test_one_poor_step_does_not_stop_drafting():
     assert budget.next_step(1)
 
 
+def test_a_plain_check_is_no_pause_in_drafting():
+    """While drafting pays a little, every 16th step is plain, to keep
+    plain decoding's time current; the step after it weighs as any other
+    drafting step, not as a probe, so one poor tree there does not stop
+    drafting."""
+    budget = trained_budget(ms_per_token=1.0, fixed_ms=40.0, draft_level_ms=(10.0,) * 3)
+    budget.probe_interval = 16
+    fair = FlatTree(TREE.tokens, TREE.parents, TREE.depths, (0.4, 0.2, 0.1, 0.05, 0.1, 0.05))
+    levels = [budget.next_step(1)]
+    while not (len(levels) > 2 and levels[-2] == 0):
+        budget.choose([BudgetRequest(fair, greedy=True)], base_tokens=1)
+        levels.append(budget.next_step(1))
+    assert 1.0 < budget.draft_gain < 1.25 and levels.count(0) == 1 and levels[-1]
+    unsure = FlatTree((1,), (-1,), (1,), (0.01,))
+    budget.choose([BudgetRequest(unsure, greedy=True)], base_tokens=1)
+    assert budget.next_step(1)
+
+
 @pytest.mark.parametrize("batch, least_steps, most_steps", [(1, 10, 30), (12, 1, 3)])
 def test_a_step_weighs_as_many_trees_as_it_verified(batch, least_steps, most_steps):
     """A gain measured over a batch's trees is surer than one tree's: after
