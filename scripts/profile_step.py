@@ -1,9 +1,9 @@
-"""Where an engine step's time goes: plain vLLM and GSD, batch 1, T=0.
+"""Where an engine step's time goes: plain vLLM and GSD, T=0.
 
-    python scripts/profile_step.py [--dtype float32|bfloat16] [--draft DIR] [--gsd JSON]
+    python scripts/profile_step.py [--dtype float32|bfloat16] [--batch N] [--draft DIR] [--gsd JSON]
 
-Runs the benchmark's prompts (scripts/benchmark.py) one at a time through
-plain vLLM, then GSD with the benchmark's settings, each in this process
+Runs the benchmark's prompts (scripts/benchmark.py) in batches of N (default
+1; the prompts repeat to fill the last batch) through plain vLLM, then GSD with the benchmark's settings, each in this process
 with its engine core inside it, and prints milliseconds per engine step
 spent in: the target pass (`execute_model`), its attention kernels (stock
 calls, and everything in the patched forward including branch replay),
@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--draft", default=str(models / DISTILLED_DRAFT_NAME))
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--gsd", default="{}", help="JSON overriding GSD settings")
+    parser.add_argument("--batch", type=int, default=1, help="requests per batch")
     args = parser.parse_args()
 
     from vllm import LLM, SamplingParams
@@ -131,11 +132,15 @@ def main() -> None:
         seconds.clear()
         calls.clear()
         start = time.perf_counter()
-        tokens = sum(len(llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids)
-                     for p in prompts)
+        batches = -(-len(prompts) // args.batch)
+        queue = [prompts[i % len(prompts)] for i in range(batches * args.batch)]
+        tokens = sum(len(output.outputs[0].token_ids)
+                     for i in range(0, len(queue), args.batch)
+                     for output in llm.generate(queue[i:i + args.batch], params,
+                                                use_tqdm=False))
         wall = time.perf_counter() - start
         steps = calls[STEP]
-        print(f"\n=== {name}, {args.dtype}: {tokens} tokens in {steps} steps, "
+        print(f"\n=== {name}, {args.dtype}, batch {args.batch}: {tokens} tokens in {steps} steps, "
               f"{tokens / wall:.1f} tok/s, {1000 * wall / steps:.1f} ms per step")
         for label in LABELS:
             if seconds[label]:
