@@ -237,3 +237,27 @@ def test_no_benchmark_or_demo_prompt_is_in_the_distillation_set():
                  for _, content in prompt.messages}
     measured = [text for _, text, _ in PROMPTS] + DEMO_PROMPTS
     assert [text for text in measured if normal(text) in distilled] == []
+
+
+def test_a_draft_batchs_key_columns_come_in_whole_steps():
+    """A context a token longer is no new attention shape (each costs a
+    oneDNN kernel build in bf16, about 0.4 ms); the padding columns read
+    the SINK slot and nobody attends them."""
+    from vllm_gsd.graph import TokenGraph
+    from vllm_gsd.proposer import KEY_COLUMNS_STEP, _Drafting, _DraftBatch
+
+    def drafting(context: int) -> _Drafting:
+        tokens = np.arange(context)
+        return _Drafting("r", tokens, TokenGraph(tokens[-2:], 1, 8), 4, True, False,
+                         context - 1, np.arange(100, 100 + context),
+                         scratch_rows=[1, 2, 3])
+
+    shapes = set()
+    for longest in (70, 71, 90):
+        batch = _DraftBatch([drafting(longest), drafting(40)], [2, 2])
+        columns = batch.num_paged + batch.read_rows.shape[1]
+        assert columns % KEY_COLUMNS_STEP == 0 and columns >= longest + 3
+        assert (batch.read_slots[0, longest:] == SINK).all()
+        assert not batch.attend[:, :, longest:batch.num_paged].any()
+        shapes.add(columns)
+    assert len(shapes) == 1
