@@ -207,19 +207,24 @@ def generate_closed_loop(llm, requests: list[str], params: list, concurrency: in
     return [finished[i] for i in ids]
 
 
+def cycled(prompts: list[str], count: int) -> list[str]:
+    """`count` requests taking the prompts in turn."""
+    return [prompts[i % len(prompts)] for i in range(count)]
+
+
 def run_workload(llm, prompts: list[str], is_gsd: bool, batch: int, temperature: float,
                  max_tokens: int, static: bool = False, warmup: bool = False) -> dict:
     from vllm import SamplingParams
 
     params = SamplingParams(temperature=temperature, max_tokens=max_tokens)
     if warmup:  # one full batch
-        llm.generate([prompts[i % len(prompts)] for i in range(batch)], params, use_tqdm=False)
+        llm.generate(cycled(prompts, batch), params, use_tqdm=False)
         return {}
     if static:  # every prompt at least once, in full batches of `batch` requests
         num = -(-max(batch, len(prompts)) // batch) * batch
     else:
         num = max(QUEUED_BATCHES * batch, len(prompts))
-    requests = [prompts[i % len(prompts)] for i in range(num)]
+    requests = cycled(prompts, num)
     before = counters(llm, is_gsd)
     start = time.perf_counter()
     outputs = []

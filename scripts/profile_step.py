@@ -30,7 +30,7 @@ os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the timers live in this process
 
 sys.path.insert(0, str(Path(__file__).parent))
-from benchmark import PROMPTS, default_gsd_config  # noqa: E402
+from benchmark import PROMPTS, cycled, default_gsd_config  # noqa: E402
 from prepare_models import DISTILLED_DRAFT_NAME, TARGET_NAME, default_out_dir  # noqa: E402
 
 seconds: collections.Counter = collections.Counter()
@@ -133,7 +133,7 @@ def main() -> None:
         calls.clear()
         start = time.perf_counter()
         batches = -(-len(prompts) // args.batch)
-        queue = [prompts[i % len(prompts)] for i in range(batches * args.batch)]
+        queue = cycled(prompts, batches * args.batch)
         tokens = sum(len(output.outputs[0].token_ids)
                      for i in range(0, len(queue), args.batch)
                      for output in llm.generate(queue[i:i + args.batch], params,

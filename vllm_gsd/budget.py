@@ -444,9 +444,9 @@ class _BatchSizeState:
     lookup_ms: deque = field(default_factory=lambda: deque(maxlen=DRAFT_TIME_WINDOW))
     """Recent proposer times of undrafted steps that searched the contexts
     (`GraphBudget.observe_lookup`)."""
-    confirming: bool = False
-    """The step before was a probe that drafted the whole (small) batch:
-    this one drafts again, to measure the draft's time (see
+    confirm_next: bool = False
+    """This step is a probe that drafts the whole (small) batch: the next
+    one drafts again, to measure the draft's time (see
     `GraphBudget.next_step`)."""
 
     def best_levels(self) -> int:
@@ -563,7 +563,7 @@ class GraphBudget:
         state.steps_since_full_depth += 1
         state.steps_since_plain += 1
         exploring, confirming = True, False
-        after_probe, state.confirming = state.confirming, False
+        after_probe, state.confirm_next = state.confirm_next, False
         if len(state.gains) < self.max_depth:  # a depth not measured yet
             levels = self.max_depth
         elif state.gains[state.best_levels()] > 1.0:
@@ -587,7 +587,7 @@ class GraphBudget:
             levels, confirming = self.max_depth, True
         elif state.steps_since_draft >= state.probe_interval:
             levels = self.max_depth
-            state.confirming = num_requests <= PROBE_REQUESTS
+            state.confirm_next = num_requests <= PROBE_REQUESTS
         else:
             levels = 0
         self._exploring = levels > 0 and exploring
@@ -806,9 +806,7 @@ class GraphBudget:
         if len(first_branch) < len(order):
             candidates.append(first_branch)
         best_rate, best_nodes = -1.0, []
-        priced: list[tuple[int, np.ndarray, np.ndarray]] = []
-        """(levels, expected tokens, step time without drafting) of each
-        prefix of nodes no deeper than `levels`."""
+        priced: list[tuple[int, np.ndarray, np.ndarray]] = []  # `_PricedTrees.prefixes`
         warming_up = self._warming_up()
         # Drafting pays when it beats what the step gets without it: plain
         # decoding, or the lookup paths alone (their search included) where
