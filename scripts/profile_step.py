@@ -10,6 +10,12 @@ calls, and everything in the patched forward including branch replay),
 sampling and drafting (`sample_tokens`), drafting (`propose`), the draft's
 forward passes, and verification. Timers are `time.perf_counter` wrappers
 around those entry points, installed before the engine starts.
+
+For GSD it then prints the decode steps grouped by the tree they verified
+(its deepest node's depth and its node count over the batch; (0, 0) is a
+step without one): their median time, the tokens they produced and the
+milliseconds per token, which says which trees the budget's choices pay
+for beside the plain steps of the same run.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import functools
 import gc
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -58,6 +65,46 @@ def add_timer(owner, name: str, label: str) -> None:
             seconds[label] += time.perf_counter() - start
             calls[label] += 1
     setattr(owner, name, timed)
+
+
+step_trees: list[tuple[tuple[int, int], int, float]] = []
+"""Per GSD decode step: (deepest verified depth, verified nodes), tokens
+produced, milliseconds from the end of the last step's drafting to the end
+of its own."""
+
+
+def add_tree_shape_log(proposer_class) -> None:
+    """Logs `step_trees`: a step verifies the trees the propose call before
+    it returned, and its own propose call receives the tokens it produced."""
+    original = proposer_class.propose
+    last: dict = {"shape": None, "time": None}
+
+    @functools.wraps(original)
+    def propose(self, sampled_token_ids, *args, **kwargs):
+        drafts = original(self, sampled_token_ids, *args, **kwargs)
+        now = time.perf_counter()
+        # A row without a sampled token is a prompt chunk: no decode step.
+        if last["shape"] is not None and all(sampled_token_ids):
+            step_trees.append((last["shape"], sum(map(len, sampled_token_ids)),
+                               1000 * (now - last["time"])))
+        trees = self.trees.values()
+        last["shape"] = (max((max(tree.depths) for tree in trees), default=0),
+                         sum(map(len, trees)))
+        last["time"] = now
+        return drafts
+    proposer_class.propose = propose
+
+
+def print_tree_shapes() -> None:
+    by_shape = collections.defaultdict(list)
+    for shape, tokens, ms in step_trees:
+        by_shape[shape].append((tokens, ms))
+    print("steps by verified tree (depth, nodes): steps, median ms, tokens/step, ms/token")
+    for shape, steps in sorted(by_shape.items()):
+        median_ms = statistics.median(ms for _, ms in steps)
+        tokens = statistics.mean(tokens for tokens, _ in steps)
+        print(f"  {str(shape):10s} {len(steps):5d} {median_ms:7.1f} {tokens:6.2f} "
+              f"{median_ms / tokens:7.1f}")
 
 
 def add_attention_timers() -> None:
@@ -118,6 +165,7 @@ def main() -> None:
     add_timer(GSDProposer, "propose", PROPOSE)
     add_timer(TreeDraftModel, "forward", DRAFT_FORWARD)
     add_timer(GSDRejectionSampler, "forward", VERIFY)
+    add_tree_shape_log(GSDProposer)
 
     gsd = {**default_gsd_config(args.draft), **json.loads(args.gsd)}
     for name, spec in (("plain", None), ("GSD", gsd)):
@@ -131,6 +179,7 @@ def main() -> None:
         llm.generate(prompts[:1], params, use_tqdm=False)  # warm-up
         seconds.clear()
         calls.clear()
+        step_trees.clear()
         start = time.perf_counter()
         batches = -(-len(prompts) // args.batch)
         queue = cycled(prompts, batches * args.batch)
@@ -145,6 +194,8 @@ def main() -> None:
         for label in LABELS:
             if seconds[label]:
                 print(f"{label:45s} {1000 * seconds[label] / steps:7.2f} ms/step")
+        if step_trees:
+            print_tree_shapes()
         llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
