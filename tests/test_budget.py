@@ -711,6 +711,24 @@ def test_a_rarely_measured_tree_cost_is_priced_high():
         costs.step_ms_each(shapes[:1]))
 
 
+def test_a_tree_is_never_priced_faster_than_the_step_without_it():
+    """Noise or a phase can fit a tree's extra time below zero; priced
+    against the step without it, the tree then costs nothing, not less."""
+    costs = StepCostModel()
+    rng = np.random.default_rng(5)
+    for step in range(200):
+        trees = step % 2
+        costs.observe_target(StepShape(16 + trees, trees),
+                             40.0 - 2.0 * trees + rng.normal(0, 0.3))
+    plain, tree = StepShape(16), StepShape(17, trees=1)
+    shapes = np.array([plain.as_array(), tree.as_array()])
+    fitted_plain, fitted_tree = costs.step_ms_each(shapes)
+    assert fitted_tree < fitted_plain - 1.0  # the fit says the tree saves time
+    priced_plain, priced_tree = costs.step_ms_each(shapes, plain.as_array())
+    assert priced_plain == pytest.approx(fitted_plain)
+    assert priced_tree == pytest.approx(priced_plain)
+
+
 def test_standard_errors_follow_the_residuals_and_the_excitation():
     fit = RecursiveLeastSquares(2, 1.0, np.zeros(2), 1e4)
     rng = np.random.default_rng(1)

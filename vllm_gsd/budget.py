@@ -32,8 +32,9 @@ themselves, the trees' cost took the blame for whatever phase the plain
 steps were not measured in: one run went from pricing a one-node tree at
 +1 ms to +15 ms beside paired differences of +4 to +7 ms, and stopped
 drafting. A tree's extra time over the step without it is priced one
-standard error high (`StepCostModel.step_ms_each`): where plain steps are
-rare, that difference is measured rarely. The draft's time per step is
+standard error high, and never below zero (`StepCostModel.step_ms_each`):
+where plain steps are rare, that difference is measured rarely, and a noisy
+fit can call a tree free. The draft's time per step is
 measured per batch size (see below), and the time between steps
 (scheduler, output processing) is a running mean.
 
@@ -283,13 +284,18 @@ class StepCostModel:
         underestimate costs throughput every step it lasts. At batch 16 on
         an AVX512 CPU, where neighbouring steps put a step's first tree at
         13 ms more than a plain step, the fit said 6 to 11 ms: 9 % of the
-        steps there were plain, so the difference was measured rarely."""
+        steps there were plain, so the difference was measured rarely.
+        Nor is the extra time ever below zero: no tree makes a step
+        faster, but a noisy fit can say so (at batch 16 on the AVX512 EPYC
+        it put a one-node tree at -0.6 ms, where consecutive steps
+        measured +1.6 ms), and a tree priced that way looks free."""
         predicted = self.level_ms + shapes @ self.shape_ms.weights
         if reference is not None:
             difference = shapes - reference
             extra = difference @ self.shape_ms.weights
             margin = self.shape_ms.standard_errors(difference)
-            predicted = predicted + np.clip(margin, 0.0, np.maximum(extra, 0.0))
+            predicted = (predicted + np.maximum(-extra, 0.0)
+                         + np.clip(margin, 0.0, np.maximum(extra, 0.0)))
         return np.maximum(predicted, 1e-3) + self.gap_ms
 
     def draft_level_ms(self, level: int, num_requests: int) -> float:
