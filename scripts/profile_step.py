@@ -75,16 +75,23 @@ of its own."""
 
 def add_tree_shape_log(proposer_class) -> None:
     """Logs `step_trees`: a step verifies the trees the propose call before
-    it returned, and its own propose call receives the tokens it produced."""
-    original = proposer_class.propose
-    last: dict = {"shape": None, "time": None}
+    it returned, and its own propose call receives the tokens it produced.
+    A step is a decode step when the engine says so to the budget
+    (`target_step_started` gets no shape for a step with prompt tokens)."""
+    original_propose = proposer_class.propose
+    original_started = proposer_class.target_step_started
+    last: dict = {"shape": None, "time": None, "decode": False}
 
-    @functools.wraps(original)
+    @functools.wraps(original_started)
+    def target_step_started(self, shape):
+        last["decode"] = shape is not None
+        return original_started(self, shape)
+
+    @functools.wraps(original_propose)
     def propose(self, sampled_token_ids, *args, **kwargs):
-        drafts = original(self, sampled_token_ids, *args, **kwargs)
+        drafts = original_propose(self, sampled_token_ids, *args, **kwargs)
         now = time.perf_counter()
-        # A row without a sampled token is a prompt chunk: no decode step.
-        if last["shape"] is not None and all(sampled_token_ids):
+        if last["shape"] is not None and last["decode"]:
             step_trees.append((last["shape"], sum(map(len, sampled_token_ids)),
                                1000 * (now - last["time"])))
         trees = self.trees.values()
@@ -92,6 +99,7 @@ def add_tree_shape_log(proposer_class) -> None:
                          sum(map(len, trees)))
         last["time"] = now
         return drafts
+    proposer_class.target_step_started = target_step_started
     proposer_class.propose = propose
 
 
