@@ -134,6 +134,41 @@ def test_incompatible_engine_option_is_rejected(target, engine_kwargs, message):
         engine_config(target, {"method": "gsd", "model": target}, **engine_kwargs)
 
 
+def test_v2_model_runner_is_rejected(target, monkeypatch):
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    # Raised inside VllmConfig's validation, so pydantic wraps it (a
+    # ValidationError is a ValueError, as GSDConfigError is).
+    with pytest.raises(ValueError, match="runs on vLLM's V1 model runner"):
+        engine_config(target, {"method": "gsd", "model": target})
+
+
+@pytest.mark.parametrize("gsd, mode, want", [
+    (True, "FULL_AND_PIECEWISE", "PIECEWISE"),
+    (True, "FULL", "PIECEWISE"),
+    (True, "FULL_DECODE_ONLY", "PIECEWISE"),
+    (True, "PIECEWISE", "PIECEWISE"),
+    (True, "NONE", "NONE"),
+    (False, "FULL_AND_PIECEWISE", "FULL_AND_PIECEWISE"),
+])
+def test_full_cuda_graphs_become_piecewise_under_gsd(gsd, mode, want):
+    """A full CUDA graph would replay a tree step's attention without branch
+    replay. This CPU resolves every mode to NONE later in VllmConfig, so the
+    step that decides it on a GPU is called here on its own."""
+    from types import SimpleNamespace
+
+    from vllm.config import CompilationConfig, VllmConfig
+    from vllm.config.compilation import CUDAGraphMode
+
+    spec = SimpleNamespace(uses_dynamic_speculative_decoding=lambda: False)
+    if gsd:
+        spec.gsd = GSDConfig(model="/draft")
+    config = SimpleNamespace(
+        speculative_config=spec, use_v2_model_runner=False,
+        compilation_config=CompilationConfig(cudagraph_mode=CUDAGraphMode[mode]))
+    VllmConfig._maybe_override_dynamic_sd_cudagraph_mode(config)
+    assert config.compilation_config.cudagraph_mode == CUDAGraphMode[want]
+
+
 def test_valid_config_becomes_the_custom_proposer_with_gsd_attached(target):
     config = engine_config(target, {"method": "gsd", "model": target, "top_k": 3,
                                     "num_speculative_tokens": 10})

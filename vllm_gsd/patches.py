@@ -39,6 +39,13 @@ The patch points follow research/vllm_internals.md §7.2 (vLLM 0.32 V1 runner):
   P10 The draft's dense kernels on CPU (`vllm_cpu_kernels`): not a patch
      but a use of vLLM's internal CPU GEMM dispatch and RMSNorm op, checked
      the same way.
+  P11 VllmConfig._maybe_override_dynamic_sd_cudagraph_mode: where vLLM turns
+     full CUDA graphs into piecewise ones for speculation whose verified
+     length changes every step, GSD's do too. A full graph captures the
+     attention kernels as launched while capturing, so a tree step replayed
+     from it would skip branch replay (P5) and score off-first branches with
+     plain causal attention. GSD also needs the V1 model runner, which every
+     patch here targets.
 """
 
 from __future__ import annotations
@@ -98,6 +105,7 @@ def apply_all() -> None:
     _patch_stats_transport()
     _patch_plain_only_sampling_options()
     _patch_draft_kv_cache()
+    _patch_cuda_graph_mode()
 
 
 # P1 ---------------------------------------------------------------------
@@ -571,3 +579,30 @@ def vllm_cpu_kernels() -> Any:
         return out
 
     return DenseKernels(prepare_linear, rms_norm)
+
+
+# P11 --------------------------------------------------------------------
+
+def _patch_cuda_graph_mode() -> None:
+    from vllm.config import VllmConfig
+    from vllm.config.compilation import CUDAGraphMode
+
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        def _maybe_override_dynamic_sd_cudagraph_mode(self: Any) -> None:
+            original(self)
+            if getattr(self.speculative_config, "gsd", None) is None:
+                return
+            if self.use_v2_model_runner:
+                raise GSDConfigError(
+                    "method 'gsd' runs on vLLM's V1 model runner; unset "
+                    "VLLM_USE_V2_MODEL_RUNNER.")
+            mode = self.compilation_config.cudagraph_mode
+            if mode is not None and mode.has_full_cudagraphs():
+                logger.warning(
+                    "GSD verifies trees with branch replay around the attention "
+                    "kernels, which a full CUDA graph would skip. Overriding "
+                    "cudagraph_mode from %s to PIECEWISE.", mode.name)
+                self.compilation_config.cudagraph_mode = CUDAGraphMode.PIECEWISE
+        return _maybe_override_dynamic_sd_cudagraph_mode
+
+    _wrap(VllmConfig, "_maybe_override_dynamic_sd_cudagraph_mode", ("self",), make)

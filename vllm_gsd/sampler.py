@@ -7,8 +7,11 @@ subclass. Per request it chooses one token per row from the target alone,
 walks the tree of this step's `TreeStep` with `vllm_gsd.verify.accept` and
 returns the accepted path plus the final token in vLLM's output layout
 ([batch, max_drafts + 1], padded with -1), so the scheduler's roll-back and
-spec-decode metrics work unchanged. Requests without a tree (vLLM's padding
-drafts, zeroed drafts) are verified as chains by the same walk.
+spec-decode metrics work unchanged. Drafts outside any tree step are
+verified as chains by the same walk and reported to no one: vLLM's start-up
+warm-up of the sampler (`_dummy_sampler_run`, run on every GPU and on CPU
+whenever the model is compiled) passes dummy drafts of requests that do not
+exist.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ class GSDRejectionSampler(RejectionSampler):
     def __init__(self, sampler: Any, spec_config: Any, device: Any,
                  on_acceptance: Callable[[int, FlatTree, list[int]], None]):
         """on_acceptance(batch index, verified tree, accepted path) is
-        called for every request verified with drafts, every step
+        called for every request of a tree step verified with drafts
         (counters, budget)."""
         super().__init__(sampler, spec_config, device)
         self.on_acceptance = on_acceptance
@@ -91,7 +94,8 @@ class GSDRejectionSampler(RejectionSampler):
             emitted_rows.append([first_row] + [first_row + 1 + j for j in path]
                                 + [0] * len(padding))
             accepted[i] = path
-            self.on_acceptance(i, tree, path)
+            if request is not None:
+                self.on_acceptance(i, tree, path)
             start += num_drafts
         if step is not None and step.waves:
             rewrite_accepted_kv(step, accepted)
