@@ -3,7 +3,7 @@
     python scripts/benchmark.py [--draft DIR] [--batch-sizes 1 4 16]
         [--temperatures 0 0.7] [--repeats 3] [--max-tokens 64]
         [--chain-ks 1 2 3 4 5] [--dtype auto] [--gsd JSON] [--static-batches]
-        [--out DIR]
+        [--compile] [--out DIR]
 
 Same target, same draft, same prompts (chat, code, summarization-style and
 maths, none of them in the distillation prompt set):
@@ -133,13 +133,15 @@ def pick_dtype(requested: str) -> str:
 # One method's engine, in its own process
 # ---------------------------------------------------------------------------
 
-def engine_process(conn, target: str, method: Method, dtype: str, max_model_len: int):
+def engine_process(conn, target: str, method: Method, dtype: str, max_model_len: int,
+                   compile_target: bool):
     # Each method's engine lives in its own process (vLLM's metrics registry
     # is per process); its engine core runs inside that process.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM
 
-    llm = LLM(model=target, dtype=dtype, enforce_eager=True, max_model_len=max_model_len,
+    llm = LLM(model=target, dtype=dtype, enforce_eager=not compile_target,
+              max_model_len=max_model_len,
               seed=0, disable_log_stats=False, speculative_config=method.speculative_config)
     tokenizer = llm.get_tokenizer()
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}],
@@ -262,11 +264,13 @@ def combine(a: dict, b: dict, sign: int = 1) -> dict:
 class Engine:
     """A method's engine process and the pipe to it."""
 
-    def __init__(self, ctx, target: str, method: Method, dtype: str, max_model_len: int):
+    def __init__(self, ctx, target: str, method: Method, dtype: str, max_model_len: int,
+                 compile_target: bool = False):
         self.method = method
         self.conn, child = ctx.Pipe()
         self.process = ctx.Process(target=engine_process,
-                                   args=(child, target, method, dtype, max_model_len))
+                                   args=(child, target, method, dtype, max_model_len,
+                                         compile_target))
         self.process.start()
 
     def wait_ready(self) -> None:
@@ -335,7 +339,8 @@ def markdown(report: dict) -> str:
         f"- machine: {m['cpu']}, {m['cores']} cores, ISA {m['isa']}; torch {m['torch']}, "
         f"vLLM {m['vllm']}",
         f"- target `{report['target']}`, draft `{report['draft']}`, dtype {report['dtype']}, "
-        f"enforce_eager, {report['max_tokens']} new tokens per request, "
+        f"{'target compiled' if report.get('compiled') else 'enforce_eager'}, "
+        f"{report['max_tokens']} new tokens per request, "
         f"{report['repeats']} repeats",
         "- batch b: " + ("separate batches of b requests" if report.get("static_batches") else
                          f"{QUEUED_BATCHES}b requests (at least one per prompt) of "
@@ -423,6 +428,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--static-batches", action="store_true",
                         help="run each batch size as separate batches of exactly that many "
                              "requests (runs up to 24), instead of a queue kept that many in flight")
+    parser.add_argument("--compile", action="store_true",
+                        help="let vLLM compile the target (its default without enforce_eager; "
+                             "about a minute more per engine start) instead of running eagerly")
     parser.add_argument("--out", type=Path, default=Path("bench_results"))
     return parser.parse_args()
 
@@ -450,7 +458,8 @@ def main() -> None:
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     out = args.out / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
-    start_engine = lambda m: Engine(ctx, args.target, m, dtype, args.max_model_len)  # noqa: E731
+    start_engine = lambda m: Engine(ctx, args.target, m, dtype,  # noqa: E731
+                                    args.max_model_len, args.compile)
     job = dict(batch=1, temperature=0.0, max_tokens=args.max_tokens)
 
     sweep = {}
@@ -516,7 +525,7 @@ def main() -> None:
     report = {"started": started, "machine": machine(), "target": args.target,
               "draft": args.draft, "dtype": dtype, "max_tokens": args.max_tokens,
               "repeats": args.repeats, "prompts": [p[:2] for p in PROMPTS],
-              "static_batches": args.static_batches,
+              "static_batches": args.static_batches, "compiled": args.compile,
               "gsd_config": gsd, "chain_sweep": sweep, "best_chain_k": best_k,
               "workloads": []}
     for batch, temperature in workloads:
