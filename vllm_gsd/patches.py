@@ -586,6 +586,7 @@ def vllm_cpu_kernels() -> Any:
 def _patch_cuda_graph_mode() -> None:
     from vllm.config import VllmConfig
     from vllm.config.compilation import CUDAGraphMode
+    from vllm.platforms import current_platform
 
     def make(original: Callable[..., Any]) -> Callable[..., Any]:
         def _maybe_override_dynamic_sd_cudagraph_mode(self: Any) -> None:
@@ -598,10 +599,13 @@ def _patch_cuda_graph_mode() -> None:
                     "VLLM_USE_V2_MODEL_RUNNER.")
             mode = self.compilation_config.cudagraph_mode
             if mode is not None and mode.has_full_cudagraphs():
-                logger.warning(
-                    "GSD verifies trees with branch replay around the attention "
-                    "kernels, which a full CUDA graph would skip. Overriding "
-                    "cudagraph_mode from %s to PIECEWISE.", mode.name)
+                # Where there are no CUDA graphs (CPU), vLLM resolves the
+                # mode to NONE further on: nothing worth a warning.
+                if current_platform.support_static_graph_mode():
+                    logger.warning(
+                        "GSD verifies trees with branch replay around the "
+                        "attention kernels, which a full CUDA graph would skip. "
+                        "Overriding cudagraph_mode from %s to PIECEWISE.", mode.name)
                 self.compilation_config.cudagraph_mode = CUDAGraphMode.PIECEWISE
         return _maybe_override_dynamic_sd_cudagraph_mode
 
