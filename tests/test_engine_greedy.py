@@ -248,6 +248,8 @@ def test_compiled_target_matches_plain(target, weak_draft):
     target, and its start-up warms the sampler up with dummy drafts of no
     request, as every GPU start-up does; attention stays outside the graph,
     where branch replay runs. Compared with plain vLLM compiled the same way."""
+    from vllm.config.compilation import CompilationMode
+
     settings = dict(max_model_len=MAX_MODEL_LEN, enforce_eager=False)
     names = ["batch4"]
     with running_llm(target, **settings) as llm:
@@ -255,7 +257,7 @@ def test_compiled_target_matches_plain(target, weak_draft):
     with running_llm(target, {"method": "gsd", "model": weak_draft, "top_k": 6,
                               "sibling_ratio": 0.0, "max_verify_nodes": 16,
                               "budget": "fixed"}, **settings) as llm:
-        assert llm.llm_engine.vllm_config.compilation_config.mode != 0  # compiled
+        assert llm.llm_engine.vllm_config.compilation_config.mode != CompilationMode.NONE
         warmed_up = gsd_stats(llm)
         got = run_all(llm, names)
         stats = gsd_stats(llm)
