@@ -620,36 +620,97 @@ def test_a_lookup_tree_pays_for_the_whole_batchs_step(batch, verified):
     assert kept == ([[0]] if verified else [[]])
 
 
-@pytest.mark.parametrize("search_ms, searches_every_step", [(0.0, True), (1.5, False)])
-def test_undrafted_steps_search_the_contexts_while_it_pays_for_the_search(
-        search_ms, searches_every_step):
-    """At batch 16 a lookup node accepted 60 % of the time gains 2.5 %
-    beside the 0.5 ms its tree costs: worth searching for when the search
-    is free, not when it takes 1.5 ms; then only every `probe_interval`
-    steps search, to re-measure."""
+class FakeClock:
+    """`GraphBudget.clock` for a simulated machine: seconds."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, ms: float) -> None:
+        self.now += ms / 1e3
+
+
+def simulate_undrafted_search(*, tree_ms: float, search_ms: float, accepted: float,
+                              step_ms=lambda step: 40.0, batches=lambda step: 16,
+                              prompt_tokens_every_step: bool = False,
+                              steps: int = 600) -> tuple[GraphBudget, list[bool]]:
+    """A batch where drafting never pays and one request offers a one-node
+    lookup path, which the cost model prices as worth verifying (a tree at
+    0.5 ms, accepted 60 %) whatever it truly costs: verifying it takes
+    `tree_ms`, the search `search_ms`, and it is accepted with probability
+    `accepted`; a step takes step_ms(step) and 1 ms of noise. Returns the
+    budget and, per undrafted step, whether it searched."""
+    clock = FakeClock()
     budget = trained_budget(ms_per_token=0.0, fixed_ms=40.0, ms_per_tree=0.5,
                             draft_level_ms=(50.0, 50.0, 50.0))
-    budget.lookup_depth = 1
-    budget.probe_interval = 16
+    budget.clock, budget.lookup_depth, budget.probe_interval = clock, 1, 16
     budget.__post_init__()
-    for accepted in [True, True, True, False, False] * 20:
+    for hit in [True, True, True, False, False] * 20:
         budget.calibration.observe(lookup_offer(FlatTree.chain(()), [30]), 1,
-                                   [0] if accepted else [])
+                                   [0] if hit else [])
+    rng = np.random.default_rng(0)
     searched = []
-    for _ in range(200):
-        if budget.next_step(16):  # a probe: one request's tree takes the path
-            assert budget.looks_up
-            budget.choose([lookup_offer(TREE, [30])] + [BudgetRequest(TREE, greedy=True)] * 15,
-                          base_tokens=16)
-            continue
-        searched.append(budget.looks_up)
-        if budget.looks_up:
-            budget.choose([lookup_offer(FlatTree.chain(()), [30])], base_tokens=16)
-            budget.observe_lookup(search_ms)
-    if searches_every_step:
-        assert all(searched)
-    else:
-        assert searched[0] and sum(searched[-96:]) == 96 // 16
+    for step in range(steps):
+        batch = batches(step)
+        verified = None
+        if budget.next_step(batch):  # a probe: drafting keeps not paying
+            budget.choose([BudgetRequest(TREE, greedy=True)] * batch, base_tokens=batch)
+            clock.advance(50.0)
+        else:
+            searched.append(budget.looks_up)
+            if budget.looks_up:
+                offer = lookup_offer(FlatTree.chain(()), [30])
+                kept = budget.choose([offer], base_tokens=batch).kept
+                assert kept == [[0]]  # priced as worth it
+                verified = offer
+                clock.advance(search_ms)
+        if prompt_tokens_every_step:
+            budget.break_sequence()
+        clock.advance(step_ms(step) + rng.normal(0.0, 1.0)
+                      + (tree_ms if verified else 0.0))
+        if verified is not None:
+            budget.observe_acceptance(verified, 1, [0] if rng.random() < accepted else [])
+    return budget, searched
+
+
+@pytest.mark.parametrize("tree_ms, search_ms, accepted, pays", [
+    (0.3, 0.1, 0.8, True),    # +5 % tokens for +1 % time
+    (3.0, 0.6, 0.6, False),   # +3.75 % tokens for +9 % time: what the model misses
+])
+@pytest.mark.parametrize("phase", ["steady", "drifting"])
+def test_undrafted_steps_search_the_contexts_while_that_measurably_pays(
+        tree_ms, search_ms, accepted, pays, phase):
+    """At batch 16 the cost model prices a one-node lookup tree at 0.5 ms
+    either way; whether searching pays is measured on consecutive undrafted
+    steps, one that searched and one that did not, so a machine drifting
+    between 35 and 55 ms steps (far more than the effect) does not decide.
+    One undrafted step in `probe_interval` does the opposite, to measure."""
+    step_ms = ((lambda step: 40.0) if phase == "steady"
+               else lambda step: 45.0 + 10.0 * np.sin(step / 40.0))
+    budget, searched = simulate_undrafted_search(
+        tree_ms=tree_ms, search_ms=search_ms, accepted=accepted, step_ms=step_ms)
+    assert (budget.search_gain > 1.0) == pays
+    late = searched[-320:]
+    share = sum(late) / len(late)
+    assert share > 0.8 if pays else share < 0.2
+    assert 0 < share < 1  # the trials
+
+
+@pytest.mark.parametrize("break_kind", ["prompt tokens", "batch changes"])
+def test_steps_that_differ_otherwise_are_no_pair_for_the_search(break_kind):
+    """A step with prompt tokens, or with other requests, says nothing of
+    the search beside it: no gain is measured, and the undrafted steps keep
+    searching, as drafting steps do."""
+    budget, searched = simulate_undrafted_search(
+        tree_ms=3.0, search_ms=0.6, accepted=0.6, steps=200,
+        prompt_tokens_every_step=break_kind == "prompt tokens",
+        batches=(lambda step: 16) if break_kind == "prompt tokens"
+        else lambda step: 9 + step % 2)  # the same power-of-two bucket
+    assert budget.search_gain is None
+    assert all(searched)
 
 
 def test_the_first_tree_of_a_step_costs_more_than_the_next():

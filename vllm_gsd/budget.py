@@ -101,11 +101,21 @@ of its own), and the gain of drafting is relative to what the step gets
 without drafting: the lookup paths alone where there are any, else plain
 decoding. The search is not free (at batch 16 on the CPU the proposer
 takes 0.5-0.65 ms of a 50 ms step to search 16 contexts and weigh the paths
-found), so its measured time is charged to the lookup paths' rate, and
-each batch size keeps a running gain of searching over plain decoding
-(measured by every step that searched: a drafting step's lookup paths
-are those an undrafted step would verify); while it is not above 1 the
-undrafted steps do not search, except every `probe_interval`-th one.
+found), so its measured time is charged to the lookup paths' rate.
+Whether an undrafted step searches at all is measured rather than
+predicted: at batch 16 the cost model priced a one-node tree at 0.4-0.9 ms
+where consecutive steps differed by 1.6 ms, so it kept searching where
+searching lost 4 % (steps alternating between searching and not gave
+3.35 against 3.22 ms per token). Undrafted steps that follow each other
+are paired, one that searched with one that did not (the same requests,
+no prompt tokens between them), and each batch size keeps a running mean
+of their log rate ratio: tokens over the wall time from one proposal to
+the next, which holds the search, the gap and the next target step with
+its lookup trees. A phase of the machine moves both steps of a pair
+alike. The first undrafted steps at a batch size alternate until
+LOOKUP_TRIAL_PAIRS pairs are in; then they search while the mean says it
+pays, and every `probe_interval`-th one does the opposite, a trial paired
+with both its neighbours.
 Every request's token counts in a step's rate, whether or not it offers
 a tree.
 
@@ -121,7 +131,9 @@ Pure NumPy; imports nothing from vLLM.
 from __future__ import annotations
 
 import heapq
+import math
 import statistics
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -411,6 +423,21 @@ again for 500 steps (5 of 9 short runs). There a probe costs about
 catch-up of the probe's sample costs up to a step (the gain leaves it
 out): probes every 16 steps at batch 16 cost 8 % of its throughput."""
 
+LOOKUP_TRIAL_PAIRS = 8
+"""Pairs of consecutive undrafted steps, one searching the contexts and
+one not, measured at a batch size before their mean decides whether its
+undrafted steps search (until then they alternate)."""
+
+LOOKUP_PAIR_DECAY = 0.9
+"""Weight of the past in a batch size's mean log rate ratio of searching,
+per pair. One pair's ratio is off by about 8 % (a 50 ms step's noise, and
+how many lookup tokens its 16 requests happened to accept), the effect to
+tell apart about 4 %: about ten pairs in the mean put its noise near 2 %."""
+
+LOOKUP_PAIR_CLIP = 0.25
+"""Bound on one pair's log rate ratio: a step stalled by something else
+(the first at a new shape, a collection) moves the mean no more than this."""
+
 PLAIN_CHECK_BELOW_GAIN = 1.25
 """While the best gain is below this, a plain step every `probe_interval`
 steps keeps plain decoding's step time current (above it, one every
@@ -440,13 +467,13 @@ class _BatchSizeState:
     draft_ms: dict[int, deque] = field(default_factory=dict)
     """Per draft level (`GraphBudget.observe_draft`), recent steady-state
     times (ms)."""
-    lookup_gain: float | None = None
-    """Running mean of (the best rate of an undrafted step that searched
-    the requests' contexts, the search included) / (plain decoding's
-    rate); None until a step that searched measured it."""
-    lookup_measured_at: int = -1
-    steps_since_lookup: int = 0
-    """Undrafted steps since one searched the contexts."""
+    search_log_gain: float = 0.0
+    """Running mean over pairs of consecutive undrafted steps of
+    log(rate of the one that searched the contexts / rate of the one that
+    did not); meaningful once `search_pairs` is positive."""
+    search_pairs: int = 0
+    undrafted_since_trial: int = 0
+    """Undrafted steps since one did the opposite of what the mean said."""
     lookup_ms: deque = field(default_factory=lambda: deque(maxlen=DRAFT_TIME_WINDOW))
     """Recent proposer times of undrafted steps that searched the contexts
     (`GraphBudget.observe_lookup`)."""
@@ -478,6 +505,30 @@ class _PricedTrees:
             rate = float(np.max(expected / (step_ms + draft_ms(self.num_drafted, levels))))
             gains[levels] = max(rate / self.undrafted_rate, gains.get(levels, 0.0))
         return gains
+
+
+@dataclass
+class _UndraftedInterval:
+    """An undrafted step's choice to search the contexts or not, and what
+    it bought: from its proposal to the next one (`GraphBudget.next_step`)."""
+
+    step: int
+    state: _BatchSizeState
+    searched: bool
+    requests: int
+    """Decoding requests in the step that chose."""
+    started: float
+    """`GraphBudget.clock` at the proposal, in seconds."""
+    next_requests: int = 0
+    """Decoding requests in the step that verified its choice."""
+    log_rate: float = 0.0
+    """log(tokens per millisecond) of the interval, once finished."""
+
+    def pairs_with(self, previous: _UndraftedInterval) -> bool:
+        return (previous.step == self.step - 1 and previous.state is self.state
+                and previous.searched != self.searched
+                and (previous.requests, previous.next_requests)
+                == (self.requests, self.next_requests))
 
 
 @dataclass
@@ -528,6 +579,14 @@ class GraphBudget:
     looks_up: bool = False
     """Whether this step's undrafted greedy requests search their contexts
     for a lookup path (a drafting step's drafted requests always do)."""
+    clock: Callable[[], float] = time.perf_counter
+    """Seconds; times the undrafted steps' intervals."""
+    _interval: _UndraftedInterval | None = None
+    """The current step's, if it drafts nothing."""
+    _last_interval: _UndraftedInterval | None = None
+    """The last finished one."""
+    _accepted: int = 0
+    """Tree nodes accepted since the current step's proposal."""
 
     def __post_init__(self) -> None:
         self.calibration = AcceptanceCalibration(max(self.max_depth, self.lookup_depth))
@@ -552,6 +611,8 @@ class GraphBudget:
     def next_step(self, num_requests: int) -> int:
         """Starts a draft step of `num_requests` decoding requests; returns
         how many levels unpinned requests are drafted (0: none)."""
+        now = self.clock()
+        self._finish_interval(num_requests, now)
         self._steps += 1
         self._num_requests = num_requests
         self._priced = None
@@ -563,7 +624,7 @@ class GraphBudget:
         if self._warming_up():
             self._levels = self.max_depth if self._steps % 2 == 1 else 0
             self._sampling = False
-            self._decide_lookup(state)
+            self._decide_lookup(state, now)
             return self._levels
         state.steps_since_draft += 1
         state.steps_since_full_depth += 1
@@ -608,25 +669,74 @@ class GraphBudget:
         if levels == self.max_depth:
             state.steps_since_full_depth = 0
         self._levels = levels
-        self._decide_lookup(state)
+        self._decide_lookup(state, now)
         return levels
 
-    def _decide_lookup(self, state: _BatchSizeState) -> None:
-        """An undrafted step searches the contexts while that pays for the
-        search itself (at batch 16 on the CPU, 0.5 ms of a 50 ms step, for
-        lookup paths that gain about as much), and every `probe_interval`th
-        undrafted step does to re-measure: what repeats comes and goes with
-        the text. A drafting step always searches (its trees take the
-        paths), and measures the gain too."""
-        if self._levels > 0:
+    def _decide_lookup(self, state: _BatchSizeState, now: float) -> None:
+        """Whether this step's undrafted requests search their contexts (a
+        drafting step's always do: its trees take the paths), by the
+        measured gain of searching (see the module docstring); an undrafted
+        step starts the interval that measures its choice."""
+        if self._levels > 0 or not self.lookup_depth:
             self.looks_up = self.lookup_depth > 0
             return
-        state.steps_since_lookup += 1
-        self.looks_up = self.lookup_depth > 0 and (
-            state.lookup_gain is None or state.lookup_gain > 1.0
-            or state.steps_since_lookup >= self.probe_interval)
-        if self.looks_up:
-            state.steps_since_lookup = 0
+        previous = self._last_interval
+        if state.search_pairs < LOOKUP_TRIAL_PAIRS:
+            # Alternate with the step before where the two could pair; an
+            # isolated undrafted step (beside drafting ones, or prompt tokens)
+            # searches, as drafting steps do.
+            adjacent = (previous is not None and previous.step == self._steps - 1
+                        and previous.state is state
+                        and previous.requests == self._num_requests)
+            self.looks_up = not previous.searched if adjacent else True
+        else:
+            state.undrafted_since_trial += 1
+            trial = state.undrafted_since_trial >= self.probe_interval
+            if trial:
+                state.undrafted_since_trial = 0
+            self.looks_up = (state.search_log_gain > 0.0) != trial
+        self._interval = _UndraftedInterval(self._steps, state, self.looks_up,
+                                            self._num_requests, now)
+
+    def _finish_interval(self, num_requests: int, now: float) -> None:
+        """Ends the last step's interval, if it was an undrafted step's that
+        no prompt tokens broke (`break_sequence`): `num_requests` decoding
+        requests (this step's) gave a token each, besides the accepted tree
+        nodes; paired with the one before, it updates the running mean."""
+        interval, self._interval = self._interval, None
+        accepted, self._accepted = self._accepted, 0
+        if interval is None:
+            return
+        ms = (now - interval.started) * 1e3
+        if ms <= 0.0 or num_requests <= 0:
+            return
+        interval.next_requests = num_requests
+        interval.log_rate = math.log((num_requests + accepted) / ms)
+        previous, self._last_interval = self._last_interval, interval
+        if previous is None or not interval.pairs_with(previous):
+            return
+        searched, not_searched = ((interval, previous) if interval.searched
+                                  else (previous, interval))
+        ratio = min(max(searched.log_rate - not_searched.log_rate, -LOOKUP_PAIR_CLIP),
+                    LOOKUP_PAIR_CLIP)
+        state = interval.state
+        state.search_log_gain = (ratio if not state.search_pairs else
+                                 LOOKUP_PAIR_DECAY * state.search_log_gain
+                                 + (1 - LOOKUP_PAIR_DECAY) * ratio)
+        state.search_pairs += 1
+
+    def break_sequence(self) -> None:
+        """The step after the current proposal has prompt tokens: its time
+        is no measure of the proposal's choice."""
+        self._interval = None
+
+    @property
+    def search_gain(self) -> float | None:
+        """The current batch size's measured rate ratio of undrafted steps
+        that search the contexts over those that do not; None before a
+        pair of them was measured."""
+        state = self._current
+        return math.exp(state.search_log_gain) if state and state.search_pairs else None
 
     def _plain_check_interval(self, state: _BatchSizeState) -> int:
         """Steps between plain steps while drafting pays.
@@ -742,12 +852,6 @@ class GraphBudget:
                  if consecutive else self.probe_gain_decay)
         return decay * mean + (1 - decay) * gain
 
-    def _record_lookup_gain(self, gain: float, trees: int) -> None:
-        state = self._current
-        state.lookup_gain = (gain if state.lookup_gain is None else self._running_mean(
-            state.lookup_gain, gain, state.lookup_measured_at, trees))
-        state.lookup_measured_at = self._steps
-
     def choose(self, requests: list[BudgetRequest], base_tokens: int,
                unpinned_in_batch: int | None = None) -> Choice:
         """The nodes to verify this step.
@@ -824,10 +928,6 @@ class GraphBudget:
         plain_rate = undrafted_rows[0, 0] / undrafted_ms[0]
         lookup_rate = float(np.max(undrafted_rows[:, 0] / (undrafted_ms + self._lookup_ms())))
         undrafted_rate = max(plain_rate, lookup_rate)
-        # A drafting step's lookup paths are what an undrafted one would
-        # verify: it measures the gain of searching too.
-        if self.looks_up and not warming_up:
-            self._record_lookup_gain(lookup_rate / plain_rate, len(requests))
         for nodes in candidates:
             rows = prefix_rows(nodes)
             step_ms = self.costs.step_ms_each(rows[:, 1:], base_shape)
@@ -884,6 +984,7 @@ class GraphBudget:
 
     def observe_acceptance(self, request: BudgetRequest, num_verified: int,
                            path: list[int]) -> None:
+        self._accepted += len(path)
         self.calibration.observe(request, num_verified, path)
 
     def _value(self, request: BudgetRequest, j: int) -> float:

@@ -307,6 +307,8 @@ class GSDProposer:
         """shape None: the step is not measured (it has prompt tokens)."""
         if self.budget is not None:
             self._timing.start(shape, self.budget.costs)
+            if shape is None:
+                self.budget.break_sequence()
 
     def target_step_finished(self) -> None:
         if self.budget is not None:
