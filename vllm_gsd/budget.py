@@ -430,9 +430,10 @@ undrafted steps search (until then they alternate)."""
 
 LOOKUP_PAIR_DECAY = 0.9
 """Weight of the past in a batch size's mean log rate ratio of searching,
-per pair. One pair's ratio is off by about 8 % (a 50 ms step's noise, and
-how many lookup tokens its 16 requests happened to accept), the effect to
-tell apart about 4 %: about ten pairs in the mean put its noise near 2 %."""
+per pair. One pair's ratio is off by roughly 8 % (an estimate, from a
+50 ms step's few milliseconds of noise at batch 16 and how many lookup
+tokens its requests happened to accept), the effect to tell apart about
+4 %: about ten pairs in the mean put its noise near 2 %."""
 
 LOOKUP_PAIR_CLIP = 0.25
 """Bound on one pair's log rate ratio: a step stalled by something else
