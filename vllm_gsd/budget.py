@@ -525,11 +525,15 @@ class _UndraftedInterval:
     log_rate: float = 0.0
     """log(tokens per millisecond) of the interval, once finished."""
 
+    def precedes(self, step: int, state: _BatchSizeState, requests: int) -> bool:
+        """Whether this interval's step came right before `step`, of the
+        same batch size and as many requests: their rates are comparable."""
+        return self.step == step - 1 and self.state is state and self.requests == requests
+
     def pairs_with(self, previous: _UndraftedInterval) -> bool:
-        return (previous.step == self.step - 1 and previous.state is self.state
+        return (previous.precedes(self.step, self.state, self.requests)
                 and previous.searched != self.searched
-                and (previous.requests, previous.next_requests)
-                == (self.requests, self.next_requests))
+                and previous.next_requests == self.next_requests)
 
 
 @dataclass
@@ -686,9 +690,8 @@ class GraphBudget:
             # Alternate with the step before where the two could pair; an
             # isolated undrafted step (beside drafting ones, or prompt tokens)
             # searches, as drafting steps do.
-            adjacent = (previous is not None and previous.step == self._steps - 1
-                        and previous.state is state
-                        and previous.requests == self._num_requests)
+            adjacent = previous is not None and previous.precedes(
+                self._steps, state, self._num_requests)
             self.looks_up = not previous.searched if adjacent else True
         else:
             state.undrafted_since_trial += 1
@@ -728,8 +731,10 @@ class GraphBudget:
 
     def break_sequence(self) -> None:
         """The step after the current proposal has prompt tokens: its time
-        is no measure of the proposal's choice."""
+        is no measure of the proposal's choice, nor of a decode step's
+        shape (`StepCostModel.break_sequence`)."""
         self._interval = None
+        self.costs.break_sequence()
 
     @property
     def search_gain(self) -> float | None:

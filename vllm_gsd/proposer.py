@@ -505,8 +505,7 @@ class _StepTiming:
 
     def finish(self, costs: StepCostModel) -> None:
         if self._shape is None:  # an unmeasured step: no gap after it either
-            self._ended = None
-            costs.break_sequence()
+            self._ended = None  # (the budget broke the sequence at its start)
             return
         now = time.perf_counter()
         self._last_step_ms = (now - self._started) * 1e3
