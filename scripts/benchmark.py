@@ -303,7 +303,7 @@ def summarize(method: Method, runs: list[dict], plain_runs: list[dict]) -> dict:
         "tok_s_repeats": tok_s, "speedup_repeats": ratios,
         "tau": 1.0, "accept_by_depth": [], "verified_per_request_step": 0.0,
         "draft_passes_per_step": 0.0, "draft_tokens_per_request_step": 0.0,
-        "merge_rate": None, "lookup_share": None,
+        "merge_rate": None, "lookup_share": None, "replayed_branches_per_request_step": 0.0,
     }
     if drafts:
         accepted = d["vllm:spec_decode_num_accepted_tokens"]
@@ -316,6 +316,9 @@ def summarize(method: Method, runs: list[dict], plain_runs: list[dict]) -> dict:
         summary["draft_tokens_per_request_step"] = g["draft_tokens"] / max(g["graphs"], 1)
         candidates = g["graph_nodes"] + g["merged_edges"]
         summary["merge_rate"] = g["merged_edges"] / candidates if candidates else 0.0
+    if g and g["verify_steps"]:
+        summary["replayed_branches_per_request_step"] = (g["replayed_branches"]
+                                                         / g["verify_steps"])
     elif method.chain_k and drafts:
         # vLLM's draft_model: the first pass feeds the tokens accepted last step
         # (τ on average), each of the K-1 further passes one token.

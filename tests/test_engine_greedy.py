@@ -174,6 +174,10 @@ def test_weak_draft_matches_plain_with_off_branch_acceptances(
     assert_same(outputs, plain)
     print(f"weak draft, merge_context={merge_context}, lookup_tokens={lookup_tokens}:", stats)
     assert stats["off_first_branch_accepts"] > 0
+    # A path off the first branch was verified by replaying that branch,
+    # and a wave replays one branch of each request at most.
+    assert stats["replayed_branches"] >= stats["off_first_branch_accepts"]
+    assert 0 < stats["replay_waves"] <= stats["replayed_branches"]
     if merge_context >= 0:
         assert stats["merged_edges"] > 0
     else:

@@ -47,6 +47,13 @@ class GSDStats:
     """Request-steps verified with at least one draft node."""
     off_first_branch_accepts: int = 0
     """Accepted paths that left the first branch (needed the KV fix-up)."""
+    replayed_branches: int = 0
+    """Off-first branches recomputed by branch replay (`vllm_gsd.step`),
+    summed over request-steps."""
+    replay_waves: int = 0
+    """Replay waves, summed over target steps: each is one more attention
+    call per layer, which on a GPU costs about as much as a small kernel
+    launch sequence whatever its rows (docs/benchmarks.md, "GPU cost curves")."""
     lookup_nodes: int = 0
     """Tree nodes sent for verification on a context-lookup path (drafted
     too or not; `vllm_gsd.lookup`)."""
@@ -73,6 +80,10 @@ class GSDStats:
         self.accepted_tokens += len(path)
         if path != list(range(len(path))):
             self.off_first_branch_accepts += 1
+
+    def observe_replay(self, branches: int, waves: int) -> None:
+        self.replayed_branches += branches
+        self.replay_waves += waves
 
     def as_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in counter_names()}

@@ -199,6 +199,8 @@ def _patch_model_runner() -> None:
                 step = build_tree_step(self, scheduler_output,
                                        trees_of_tp_rank_0(drafter.trees))
                 set_active_step(step)
+                if step is not None:
+                    drafter.stats.observe_replay(step.replayed_branches, len(step.waves))
                 drafter.target_step_started(tree_step_shape(step, scheduler_output))
                 self._gsd_discarded_generator_states = discarded_cpu_generator_states(self)
             return result

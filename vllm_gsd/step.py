@@ -97,6 +97,10 @@ class TreeStep:
     def by_batch_index(self) -> dict[int, TreeRequest]:
         return {r.batch_index: r for r in self.requests}
 
+    @property
+    def replayed_branches(self) -> int:
+        return sum(len(r.off_first_branches) for r in self.requests)
+
 
 def build_tree_step(runner: Any, scheduler_output: Any,
                     trees: dict[str, FlatTree]) -> TreeStep | None:
@@ -150,8 +154,7 @@ def tree_step_shape(step: TreeStep | None, scheduler_output: Any) -> StepShape |
     num_tokens = scheduler_output.total_num_scheduled_tokens
     if step is None:
         return StepShape(num_tokens)
-    return StepShape(num_tokens, len(step.requests),
-                     sum(len(r.off_first_branches) for r in step.requests), len(step.waves))
+    return StepShape(num_tokens, len(step.requests), step.replayed_branches, len(step.waves))
 
 
 def _set_tree_positions(positions: torch.Tensor,
