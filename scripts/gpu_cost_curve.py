@@ -95,6 +95,13 @@ CUDA_GRAPH_SIZES = (1, 2, 4, *range(8, 256, 8), *range(256, 513, 16))
 """vLLM's default CUDA graph sizes (tokens per pass; vllm/config/vllm.py
 `_set_cudagraph_sizes`): a pass runs padded to the next one, so `project`
 reads costs only at these totals up to 512 (odd sizes take other GEMM kernels)."""
+WAVE_PATH_ROWS = 3
+WAVE_QUERY_ROWS = 2
+"""A replay wave's rows per request: the path whose K/V it writes (a
+depth-3 tree's deepest branch and its ancestors) and the branch's own rows."""
+WAVE_PASSES = ((1, 33), (16, 3))
+"""(batch, rows per request) where `measure_waves` times replay waves: a
+depth-3 graph's 32 nodes alone, one or two nodes each in a batch of 16."""
 
 
 def top_k_tree(num_nodes: int) -> FlatTree:
@@ -162,10 +169,16 @@ class RandomLlama:
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
     def layers_forward(self, tokens: torch.Tensor, positions: torch.Tensor,
-                       mask: torch.Tensor | None) -> torch.Tensor:
+                       mask: torch.Tensor | None, waves: int = 0) -> torch.Tensor:
         """tokens [batch, n] at cache slots context..context+n-1, positions
         [n]; mask [n, context + n] (True: attend) or None (n = 1). Writes the
-        rows' K/V into the cache; returns the hidden states [batch, n, hidden]."""
+        rows' K/V into the cache; returns the hidden states [batch, n, hidden].
+
+        `waves`: after each layer's attention, that many branch replay waves
+        as `vllm_gsd.attention.tree_forward` runs them (a K/V write of a
+        path, an attention call for a branch's rows over it, their output
+        written back), of WAVE_PATH_ROWS and WAVE_QUERY_ROWS rows per
+        request: their cost, not their arithmetic (`measure_waves`)."""
         s, (b, n) = self.shape, tokens.shape
         d, end, group = s.head_dim, self.context + n, s.heads // s.kv_heads
         # The query heads that share a K/V head attend as one head of
@@ -176,11 +189,19 @@ class RandomLlama:
         for layer in self.layers:
             qkv = (self._rms(x, layer["norm_attn"]) @ layer["qkv"]).view(b, n, -1, d).transpose(1, 2)
             q, k, v = qkv.split((s.heads, s.kv_heads, s.kv_heads), dim=1)
-            layer["k_cache"][:b, :, self.context:end] = self._rope(k, positions)
+            k = self._rope(k, positions)
+            layer["k_cache"][:b, :, self.context:end] = k
             layer["v_cache"][:b, :, self.context:end] = v
             q = self._rope(q, positions).reshape(b, s.kv_heads, group * n, d)
             attn = F.scaled_dot_product_attention(
                 q, layer["k_cache"][:b, :, :end], layer["v_cache"][:b, :, :end], attn_mask=group_mask)
+            path_end, branch_rows = self.context + WAVE_PATH_ROWS, group * WAVE_QUERY_ROWS
+            for _ in range(waves):
+                layer["k_cache"][:b, :, self.context:path_end] = k[:, :, :WAVE_PATH_ROWS]
+                layer["v_cache"][:b, :, self.context:path_end] = v[:, :, :WAVE_PATH_ROWS]
+                attn[:, :, :branch_rows] = F.scaled_dot_product_attention(
+                    q[:, :, :branch_rows], layer["k_cache"][:b, :, :path_end],
+                    layer["v_cache"][:b, :, :path_end])
             x = x + attn.reshape(b, s.heads, n, d).transpose(1, 2).reshape(b, n, -1) @ layer["out"]
             gate, up = (self._rms(x, layer["norm_mlp"]) @ layer["gate_up"]).chunk(2, dim=-1)
             x = x + (F.silu(gate) * up) @ layer["down"]
@@ -239,9 +260,20 @@ def check_tree_pass(device: str) -> float:
     return worst
 
 
-def time_pass(run, device: str, repeats: int) -> float:
-    """Median milliseconds of `run()`; on CUDA captured as a graph and timed
-    by events around each replay."""
+def time_pass(run, device: str, repeats: int, graph: bool = True) -> float:
+    """Median milliseconds of `run()`; on CUDA timed by events around each
+    call, captured as a graph and replayed unless `graph` is False."""
+    if device == "cuda" and not graph:
+        for _ in range(3):
+            run()
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(repeats)]
+        for start, end in events:
+            start.record()
+            run()
+            end.record()
+        torch.cuda.synchronize()
+        return statistics.median(start.elapsed_time(end) for start, end in events)
     if device != "cuda":
         run()
         times = []
@@ -298,6 +330,40 @@ def measure_shape(shape: Shape, layers: int, batch_sizes: list[int], rows_by_bat
     return curve
 
 
+def measure_waves(shape: Shape, layers: int, context: int, device: str, repeats: int,
+                  wave_counts: list[int]) -> dict:
+    """Milliseconds of a whole-model pass (layers scaled, no LM head) with
+    each number of branch replay waves, per `WAVE_PASSES`, run eagerly: the
+    plugin runs vLLM's attention, and so its waves, outside the piecewise
+    CUDA graphs (P11, `vllm_gsd/patches.py`), where each call's launch
+    costs host time. Also the graphed pass without waves, for reference."""
+    batch = max(b for b, _ in WAVE_PASSES)
+    model = RandomLlama(shape, layers, batch, context, max(r for _, r in WAVE_PASSES),
+                        torch.bfloat16, device)
+    result = {}
+    for batch, rows in WAVE_PASSES:
+        tokens, positions, mask = pass_inputs(model, batch, rows, device)
+        scale = shape.layers / layers
+        times = {"graphed": scale * time_pass(
+            lambda: model.layers_forward(tokens, positions, mask), device, repeats)}
+        for waves in wave_counts:
+            times[str(waves)] = scale * time_pass(
+                lambda: model.layers_forward(tokens, positions, mask, waves), device, repeats,
+                graph=False)
+        result[f"{batch}x{rows}"] = times
+        print(f"  {shape.name} batch {batch:>2} rows {rows:>3}: "
+              + ", ".join(f"{k} {v:.2f}" for k, v in times.items()) + " ms", flush=True)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def layers_timed(name: str, args: argparse.Namespace) -> int:
+    shape = SHAPES[name]
+    return min(shape.layers, args.layers_70b if name == "llama-2-70b" else shape.layers)
+
+
 def cmd_measure(args: argparse.Namespace) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     error = check_tree_pass(device)
@@ -311,14 +377,19 @@ def cmd_measure(args: argparse.Namespace) -> None:
         "machine": {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor(),
                     "torch": torch.__version__, "python": platform.python_version()},
         "context": args.context, "dtype": "bfloat16", "check_max_rel_error": error,
-        "shapes": {}, "curves": {},
+        "shapes": {}, "curves": {}, "waves": {},
     }
     for name in args.shapes:
         shape = SHAPES[name]
-        layers = min(shape.layers, args.layers_70b if name == "llama-2-70b" else shape.layers)
-        result["shapes"][name] = {**asdict(shape), "layers_timed": layers}
-        result["curves"][name] = measure_shape(shape, layers, args.batch_sizes, rows_by_batch,
-                                               args.context, device, args.repeats)
+        result["shapes"][name] = {**asdict(shape), "layers_timed": layers_timed(name, args)}
+        result["curves"][name] = measure_shape(shape, layers_timed(name, args), args.batch_sizes,
+                                               rows_by_batch, args.context, device, args.repeats)
+    targets = {target for target, _ in PROJECTED}
+    for name in args.shapes if args.wave_counts else []:
+        if name in targets:
+            result["waves"][name] = measure_waves(SHAPES[name], layers_timed(name, args),
+                                                  args.context, device, args.repeats,
+                                                  args.wave_counts)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "cost_curve.json").write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out / 'cost_curve.json'}")
@@ -352,19 +423,34 @@ def candidates(acceptance: dict):
             yield kind, f"D={row['depth']}", row["methods"][merge_context]
 
 
+def wave_ms(costs: dict, target: str, batch: int) -> float:
+    """Milliseconds one more replay wave adds to a pass at `batch`
+    (`measure_waves`: the mean over its first 16 waves)."""
+    times = next(t for key, t in costs["waves"][target].items() if key.startswith(f"{batch}x"))
+    return (times["16"] - times["0"]) / 16
+
+
 def project(costs: dict, acceptance: dict, target: str, draft: str, batch: int,
-            host_ms: float) -> dict[str, dict]:
+            host_ms: float, replay: bool = False) -> dict[str, dict]:
     """Each kind's best projected speedup over plain decoding, with the
-    configuration that gives it; None where no configuration fits the curve."""
+    configuration that gives it; a kind is missing where no configuration
+    fits the curve. `replay`: GSD's trees are verified by branch replay, as
+    the plugin does, each replayed branch costing a wave (at batch > 1 a
+    lower bound: a wave serves one branch of every request, so a step
+    pays for its most branched request)."""
     t_target = costs["curves"][target][str(batch)]
     t_draft = costs["curves"][draft][str(batch)]
     plain = pass_ms(t_target, batch, 1)
+    per_wave = wave_ms(costs, target, batch) if replay else 0.0
     best: dict[str, dict] = {}
     for kind, label, m in candidates(acceptance):
         passes, rows = m["draft_passes_per_step"], m["verified_per_request_step"] + 1
+        waves = m.get("replayed_branches_per_request_step") if kind != "vLLM chain" else 0.0
+        if replay and waves is None:  # measured before the plugin counted them
+            continue
         try:
             draft_ms = passes * pass_ms(t_draft, batch, m["draft_tokens_per_request_step"] / passes)
-            step_ms = draft_ms + pass_ms(t_target, batch, rows) + host_ms
+            step_ms = draft_ms + pass_ms(t_target, batch, rows) + host_ms + per_wave * (waves or 0.0)
         except ValueError:
             continue
         speedup = m["tau"] * plain / step_ms
@@ -377,6 +463,28 @@ def project(costs: dict, acceptance: dict, target: str, draft: str, batch: int,
 KINDS = ("vLLM chain", "GSD tree", "GSD graph, merged", "GSD graph, unmerged")
 
 
+def projection_table(costs: dict, acceptance: dict, host_ms_values: list[float],
+                     replay: bool) -> list[str]:
+    lines = ["| target / draft | batch | host ms | plain ms/token | "
+             + " | ".join(f"{kind}: speedup (config, τ)" for kind in KINDS)
+             + " | best GSD / chain |",
+             "|---|---|---|---|" + "---|" * len(KINDS) + "---|"]
+    for target, draft in PROJECTED:
+        if target not in costs["curves"] or draft not in costs["curves"]:
+            continue
+        for batch in sorted(map(int, costs["curves"][target])):
+            for host_ms in host_ms_values:
+                best = project(costs, acceptance, target, draft, batch, host_ms, replay)
+                cells = [f"{best[k]['speedup']:.2f}x ({best[k]['label']}, τ {best[k]['tau']:.2f})"
+                         if k in best else "n/a" for k in KINDS]
+                gsd = [best[k]["speedup"] for k in KINDS[1:] if k in best]
+                ratio = f"{max(gsd) / best['vLLM chain']['speedup']:.2f}x" if gsd else "n/a"
+                lines.append(f"| {target} / {draft} | {batch} | {host_ms:g} | "
+                             f"{best['vLLM chain']['plain_ms']:.2f} | " + " | ".join(cells)
+                             + f" | {ratio} |")
+    return lines
+
+
 def cmd_project(args: argparse.Namespace) -> None:
     costs = json.loads(args.costs.read_text())
     acceptance = json.loads(args.acceptance.read_text())
@@ -387,22 +495,13 @@ def cmd_project(args: argparse.Namespace) -> None:
         f"bundled SmolLM2 pair ({acceptance['dtype']}, T=0, {acceptance['started'][:10]}). "
         f"Each method at its best measured configuration (N: verified nodes per "
         f"request-step; D: the paper's uncapped graph of that depth).", "",
-        "| target / draft | batch | host ms | plain ms/token | "
-        + " | ".join(f"{kind}: speedup (config, τ)" for kind in KINDS) + " | best GSD / chain |",
-        "|---|---|---|---|" + "---|" * len(KINDS) + "---|",
+        "## Trees verified in one pass (a tree attention mask, as the paper's code does)", "",
+        *projection_table(costs, acceptance, args.host_ms, replay=False),
     ]
-    for target, draft in PROJECTED:
-        if target not in costs["curves"] or draft not in costs["curves"]:
-            continue
-        for batch in sorted(map(int, costs["curves"][target])):
-            for host_ms in args.host_ms:
-                best = project(costs, acceptance, target, draft, batch, host_ms)
-                cells = [f"{best[k]['speedup']:.2f}x ({best[k]['label']}, τ {best[k]['tau']:.2f})"
-                         if k in best else "n/a" for k in KINDS]
-                gsd = max(best[k]["speedup"] for k in KINDS[1:] if k in best)
-                lines.append(f"| {target} / {draft} | {batch} | {host_ms:g} | "
-                             f"{best['vLLM chain']['plain_ms']:.2f} | " + " | ".join(cells)
-                             + f" | {gsd / best['vLLM chain']['speedup']:.2f}x |")
+    if costs.get("waves"):
+        lines += ["", "## Trees verified by branch replay, as the plugin does (one eager "
+                  "attention wave per replayed branch, at its measured cost)", "",
+                  *projection_table(costs, acceptance, args.host_ms, replay=True)]
     text = "\n".join(lines) + "\n"
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -424,6 +523,8 @@ def main() -> None:
     m.add_argument("--max-batched-rows", type=int, default=72,
                    help="largest rows per request timed at batch sizes above 1")
     m.add_argument("--layers-70b", type=int, default=16)
+    m.add_argument("--wave-counts", type=int, nargs="*", default=[0, 1, 4, 16, 32],
+                   help="branch replay waves per pass to time (none: skip)")
     m.add_argument("--repeats", type=int, default=20)
     p = sub.add_parser("project", help="combine a cost curve with measured τ")
     p.add_argument("costs", type=Path)
