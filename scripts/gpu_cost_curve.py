@@ -27,7 +27,11 @@ do not fit one GPU, so a stack of --layers-70b layers is timed and scaled
 to 80; the LM head (over every row, as verification needs) is timed apart
 and added once. Before timing, a small float32 model checks that the tree
 pass gives every node the logits of running its root-to-node path as a
-plain causal sequence. Writes OUT/cost_curve.json.
+plain causal sequence. Last, for each target shape, it times the pass with
+0-32 branch replay waves after every layer's attention (what the plugin
+runs to verify a tree on any attention backend: `vllm_gsd.attention`),
+eagerly, as the plugin's attention runs outside vLLM's piecewise CUDA
+graphs. Writes OUT/cost_curve.json.
 
 `project` combines such a curve with τ measured on the real small models
 (`scripts/acceptance_curve.py`'s JSON: τ, draft passes and draft tokens per
@@ -38,7 +42,10 @@ tree). A step's time is then
         + t_target(batch, N + 1) + host
 
 and its speedup over plain decoding τ x t_target(batch, 1) / step time, at
-the best N of each method. This is a projection, not a measurement: τ is the
+the best N of each method: once with the tree verified in that one pass (a
+tree attention mask, as the paper's code does), once as the plugin verifies
+it, each replayed branch (`replayed_branches` per request-step, measured
+with the τ) adding a wave. This is a projection, not a measurement: τ is the
 bundled SmolLM2 pair's, not a 70B pair's, and `host` (the engine's own time
 per step outside the two models, unmeasured on a GPU) is an assumption the
 table shows at each --host-ms. Writes OUT/projection.md and prints it.
@@ -324,9 +331,6 @@ def measure_shape(shape: Shape, layers: int, batch_sizes: list[int], rows_by_bat
                 "ms": total, "layers_ms": layers_ms, "head_ms": head_ms}
             print(f"  {shape.name} batch {batch:>2} rows {rows:>3}: {total:8.3f} ms "
                   f"({layers} layers {layers_ms:.3f} + head {head_ms:.3f})", flush=True)
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
     return curve
 
 
@@ -353,10 +357,14 @@ def measure_waves(shape: Shape, layers: int, context: int, device: str, repeats:
         result[f"{batch}x{rows}"] = times
         print(f"  {shape.name} batch {batch:>2} rows {rows:>3}: "
               + ", ".join(f"{k} {v:.2f}" for k, v in times.items()) + " ms", flush=True)
-    del model
+    return result
+
+
+def free_device_memory(device: str) -> None:
+    """Returns the last model's memory (freed with its function's frame) to
+    the device, so the next, larger one fits."""
     if device == "cuda":
         torch.cuda.empty_cache()
-    return result
 
 
 def layers_timed(name: str, args: argparse.Namespace) -> int:
@@ -384,12 +392,14 @@ def cmd_measure(args: argparse.Namespace) -> None:
         result["shapes"][name] = {**asdict(shape), "layers_timed": layers_timed(name, args)}
         result["curves"][name] = measure_shape(shape, layers_timed(name, args), args.batch_sizes,
                                                rows_by_batch, args.context, device, args.repeats)
+        free_device_memory(device)
     targets = {target for target, _ in PROJECTED}
     for name in args.shapes if args.wave_counts else []:
         if name in targets:
             result["waves"][name] = measure_waves(SHAPES[name], layers_timed(name, args),
                                                   args.context, device, args.repeats,
                                                   args.wave_counts)
+            free_device_memory(device)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "cost_curve.json").write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out / 'cost_curve.json'}")
